@@ -1,0 +1,1 @@
+"""premem.storage."""
