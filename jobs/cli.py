@@ -1,0 +1,222 @@
+"""The `premem` command line.
+
+Options the CLI does not know are handed to Apache Beam unchanged, so any
+pipeline option works (`--runner=DataflowRunner --project=... --region=...`,
+`--direct_num_workers=2 --direct_running_mode=multi_processing`). Give Beam
+options as `--name=value`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from premem.pipeline.read import FieldNames
+from premem.pipeline.shard import ShardConfig
+
+BEAM_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from premem.jobs.run import JobError
+    from premem.models import CheckpointError
+    from premem.pipeline.read import InputError
+    from premem.storage import StoreError
+
+    return JobError, CheckpointError, InputError, StoreError, FileNotFoundError, ValueError
+
+
+def _fail(err: BaseException) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    """Runs a job, turning the errors a user can fix into one line and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as err:
+        _fail(err)
+    except Exception as err:  # Beam wraps worker errors: unwrap the user-facing ones
+        cause = _find_user_error(err)
+        if cause is None:
+            raise
+        _fail(cause)
+
+
+def _find_user_error(err: BaseException) -> BaseException | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, _user_errors()):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@click.group()
+@click.version_option(package_name="premem")
+def main() -> None:
+    """premem: pre-encode text corpora into stored memory for LUMEN and MELODI."""
+
+
+@main.command(context_settings=BEAM_ARGS)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Directory (local or gs://) for the Parquet passage shards.")
+@click.option("--tokenizer", required=True, help="Checkpoint directory whose tokenizer to use, or 'minilm'.")
+@click.option("--passage-words", default=100, show_default=True, help="Words per passage (DPR-style split).")
+@click.option("--max-tokens", default=256, show_default=True, help="Tokens kept per passage (truncation).")
+@click.option("--shard-size", default=1024, show_default=True, help="Passages per shard.")
+@click.option("--template", default="title: {title} context: {text}", show_default=True,
+              help="Passage rendering; only {title} and {text}.")
+@click.option("--id-field", default="id", show_default=True)
+@click.option("--title-field", default="title", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--max-doc-chars", default=64 << 20, show_default=True,
+              help="Longer documents are rejected (with their reason) rather than read.")
+@click.pass_context
+def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, template, id_field, title_field,
+          text_field, max_doc_chars):
+    """Split INPUTS (.jsonl/.parquet/.txt files, dirs, globs; local or gs://) into tokenized passage shards."""
+    from premem.jobs.run import run_shard
+
+    inputs, beam_args = _split_beam_args(list(inputs) + ctx.args)
+    config = ShardConfig(tokenizer=tokenizer, passage_words=passage_words, max_tokens=max_tokens,
+                         shard_size=shard_size, template=template, max_doc_chars=max_doc_chars,
+                         fields=FieldNames(id=id_field, title=title_field, text=text_field))
+    index = _run(run_shard, inputs, out, config, beam_args)
+    records = index["records"]
+    click.echo(f"{records['input']} input records = {records['accepted']} accepted + {records['rejected']} rejected"
+               + (f" (see {out}/rejects.jsonl)" if records["rejected"] else ""))
+    for reason, count in records["rejected_by_reason"].items():
+        click.echo(f"  rejected, {reason}: {count}")
+    truncated = sum(s["truncated"] for s in index["shards"])
+    click.echo(f"{index['rows']} passages, {index['tokens']} tokens ({truncated} truncated to {max_tokens}) "
+               f"in {index['num_shards']} shards under {out}")
+
+
+def _split_beam_args(tokens: list[str]) -> tuple[list[str], list[str]]:
+    inputs = [t for t in tokens if not t.startswith("--")]
+    beam_args = [t for t in tokens if t.startswith("--")]
+    if not inputs:
+        raise click.UsageError("give at least one input file, directory or glob")
+    return inputs, beam_args
+
+
+@main.command(context_settings=BEAM_ARGS)
+@click.argument("shards")
+@click.option("--store", required=True, help="Store directory (local or gs://) to create or resume.")
+@click.option("--encoder", required=True, help="Checkpoint directory (local or gs://), or 'minilm'.")
+@click.option("--memory-layers", "-k", type=int, help="K: frozen layers [0, K) whose output is stored.")
+@click.option("--live-fraction", type=float, help="α: K = round((1-α)·L), instead of --memory-layers.")
+@click.option("--template", default="title: {title} context: {text}", show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="Stored dtype.")
+@click.option("--compute-dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--tokens-per-batch", default=16384, show_default=True,
+              help="Padded tokens per batch (batches are formed by this budget over length-sorted passages).")
+@click.option("--zstd-level", default=1, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.pass_context
+def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, dtype, compute_dtype, device,
+           tokens_per_batch, zstd_level, progress):
+    """Encode the passage SHARDS into a memory STORE with the first K layers of an encoder."""
+    from premem.jobs.run import run_encode
+    from premem.pipeline.encode import EncoderConfig
+
+    if (memory_layers is None) == (live_fraction is None):
+        raise click.UsageError("give exactly one of --memory-layers K or --live-fraction α")
+    config = EncoderConfig(checkpoint=encoder, memory_layers=memory_layers, live_fraction=live_fraction,
+                           template=template, device=device, compute_dtype=compute_dtype,
+                           tokens_per_batch=tokens_per_batch)
+    with _progress_bar(progress) as report:
+        summary = _run(run_encode, shards, store, config, dtype=dtype, zstd_level=zstd_level,
+                       pipeline_args=ctx.args, progress=report)
+    run = summary["run"]
+    click.echo(f"shards: {run['shards']} ({run['skipped']} already committed, skipped; {run['encoded']} encoded)")
+    _echo_summary(summary)
+
+
+class _progress_bar:
+    """A tqdm bar over committed shards, fed by the store watcher."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __enter__(self):
+        return self.update if self.enabled else None
+
+    def update(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="shard", desc="encode", file=sys.stderr)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(store, as_json):
+    """Summarise a memory STORE: rows, tokens, bytes per token, encoder, shards."""
+    from premem.storage import MemoryStore
+
+    summary = _run(lambda: MemoryStore.open(store).summary())
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        _echo_summary(summary)
+
+
+def _echo_summary(s: dict) -> None:
+    enc = s.get("encoder", {})
+    click.echo(f"store:    {s['path']}")
+    click.echo(f"rows:     {s['committed_rows']}/{s['rows']} committed in {s['committed_shards']}/{s['num_shards']} shards"
+               + (" (complete)" if s["committed_shards"] == s["num_shards"] else " (INCOMPLETE: resume with `premem encode`)"))
+    click.echo(f"tokens:   {s['tokens']} (max {s['max_tokens']} per passage), d={s['d_model']}, {s['dtype']}")
+    on_disk = s.get("bytes_on_disk")
+    per_token = s.get("bytes_per_token")
+    click.echo(f"bytes:    {s['logical_bytes'] / 2**20:.1f} MiB of real tokens"
+               + (f", {on_disk / 2**20:.1f} MiB on disk ({per_token:.0f} B/token)" if on_disk else ""))
+    click.echo(f"encoder:  {enc.get('checkpoint')} ({enc.get('arch')}, layers [0, {enc.get('memory_layers')}) "
+               f"of {enc.get('num_layers')}), fingerprint {s['fingerprint'][:16]}")
+
+
+@main.command()
+@click.option("--workdir", default="out/demo", show_default=True, help="Where the corpus, shards and store go.")
+@click.option("--plays", type=int, default=None, help="Only the first N plays (default: all 37).")
+@click.option("--memory-layers", "-k", default=4, show_default=True)
+@click.pass_context
+def demo(ctx, workdir, plays, memory_layers):
+    """The embedded default: Shakespeare's plays -> shards -> MiniLM memory (K=4 of 6) -> a sample read."""
+    from premem.jobs.sample import write_plays_jsonl
+    from premem.storage import MemoryStore
+
+    work = Path(workdir)
+    corpus = write_plays_jsonl(work / "plays.jsonl", limit=plays)
+    click.echo(f"corpus: {corpus}")
+    ctx.invoke(shard, inputs=(str(corpus),), out=str(work / "shards"), tokenizer="minilm")
+    ctx.invoke(encode, shards=str(work / "shards"), store=str(work / "store"), encoder="minilm",
+               memory_layers=memory_layers)
+    store = MemoryStore.open(str(work / "store"))
+    rows = [0, store.rows // 2, store.rows - 1]
+    batch = store.read(rows)
+    meta = store.read_metadata(rows).to_pylist()
+    click.echo(f"sample read of rows {rows}: states {tuple(batch.states.shape)} {batch.states.dtype}, "
+               f"mask {tuple(batch.mask.shape)}, lengths {batch.lengths.tolist()}")
+    for record in meta:
+        click.echo(f"  row {record['row']}: {record['title']} #{record['passage']}: {record['text'][:70]}...")
+
+
+if __name__ == "__main__":
+    main()

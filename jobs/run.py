@@ -1,0 +1,111 @@
+"""Runnable jobs: build a Beam pipeline from a user's request, run it, report."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from premem.pipeline.encode import EncoderConfig, EncodeShards
+from premem.pipeline.read import expand_inputs
+from premem.pipeline.shard import INDEX_FORMAT, ShardConfig, ShardCorpus, read_index
+
+
+class JobError(RuntimeError):
+    """A problem the user can fix; the CLI prints it as one line."""
+
+
+def _options(pipeline_args: list[str] | None) -> PipelineOptions:
+    return PipelineOptions(list(pipeline_args or []))
+
+
+def run_shard(inputs: list[str], out_dir: str, config: ShardConfig, pipeline_args: list[str] | None = None) -> dict:
+    """Corpus files -> passage shards; returns the index written to `out_dir`."""
+    from premem.models import load_tokenizer, tokenizer_fingerprint
+
+    config.check()
+    files = expand_inputs(inputs)
+    tokenizer = load_tokenizer(config.tokenizer)
+    header = {
+        "format": INDEX_FORMAT,
+        "inputs": files,
+        "tokenizer": config.tokenizer,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "template": config.template,
+        "passage_words": config.passage_words,
+        "max_tokens": config.max_tokens,
+        "shard_size": config.shard_size,
+        "fields": dataclasses.asdict(config.fields),
+    }
+    with beam.Pipeline(options=_options(pipeline_args)) as pipeline:
+        _ = pipeline | "Shard" >> ShardCorpus(files, out_dir, config, header)
+    return read_index(out_dir)
+
+
+def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype: str = "bfloat16",
+               zstd_level: int = 1, pipeline_args: list[str] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
+    """Passage shards -> committed memory store; returns the store summary.
+
+    Shards already committed in the store (same encoder fingerprint) are
+    skipped, so rerunning after a crash finishes the job.
+    """
+    from premem.models import tokenizer_fingerprint
+    from premem.storage import MemoryStore
+
+    index = read_index(shards_dir)
+    if index["rows"] == 0:
+        raise JobError(f"{shards_dir} holds no passages (all {index['records']['input']} input records were "
+                       f"rejected; see rejects.jsonl there)")
+    if config.template != index["template"]:
+        raise JobError(f"the shards were rendered with template {index['template']!r} but the encoder is asked for "
+                       f"{config.template!r}: pass --template to match or re-run `premem shard`")
+    encoder = config.load(device="cpu", dtype=None)
+    if tokenizer_fingerprint(encoder.tokenizer) != index["tokenizer_fingerprint"]:
+        raise JobError(f"the shards in {shards_dir} were tokenized with {index['tokenizer']}, whose tokenizer differs "
+                       f"from {config.checkpoint}'s: re-run `premem shard --tokenizer {config.checkpoint}`")
+    fingerprint, info = encoder.fingerprint, encoder.info()
+    del encoder
+    store = MemoryStore.create(
+        store_path, rows=index["rows"], max_tokens=index["max_tokens"], d_model=info["d_model"], dtype=dtype,
+        shard_size=index["shard_size"], fingerprint=fingerprint, encoder=info, zstd_level=zstd_level,
+        extra={"shards_dir": shards_dir, "records": index["records"], "passage_words": index["passage_words"]},
+    )
+    committed = store.committed_shards()
+    todo = [entry for entry in index["shards"] if entry["shard"] not in committed]
+    stats = {"shards": index["num_shards"], "skipped": index["num_shards"] - len(todo), "encoded": len(todo)}
+    if todo:
+        watcher = _watch_commits(store, index["num_shards"], progress) if progress else contextlib.nullcontext()
+        with watcher, beam.Pipeline(options=_options(pipeline_args)) as pipeline:
+            _ = (
+                pipeline
+                | "Shards" >> beam.Create(todo)
+                | "EncodeShards" >> EncodeShards(shards_dir, store_path, config, fingerprint)
+            )
+    store.finalize()
+    summary = store.summary()
+    summary["run"] = stats
+    return summary
+
+
+@contextlib.contextmanager
+def _watch_commits(store, total: int, progress: Callable[[int, int], None], every: float = 1.0):
+    """Reports committed shards from the store itself, so it works with any runner."""
+    stop = threading.Event()
+
+    def poll():
+        while not stop.wait(every):
+            progress(len(store.committed_shards()), total)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        progress(len(store.committed_shards()), total)

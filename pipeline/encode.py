@@ -1,0 +1,153 @@
+"""The encode step: one element = one corpus shard -> one committed Zarr shard."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import apache_beam as beam
+import numpy as np
+import torch
+from apache_beam.utils.shared import Shared
+
+from premem.pipeline.shard import read_shard
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Everything a worker needs to rebuild the exact frozen stack."""
+
+    checkpoint: str
+    memory_layers: int | None = None
+    live_fraction: float | None = None
+    template: str = "title: {title} context: {text}"
+    device: str = "auto"
+    compute_dtype: str = "auto"
+    tokens_per_batch: int = 16384
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self) -> torch.dtype:
+        """bf16 on GPUs and on CPUs with native bf16 matmuls; fp32 elsewhere."""
+        if self.compute_dtype != "auto":
+            if self.compute_dtype not in DTYPES:
+                raise ValueError(f"--compute-dtype {self.compute_dtype!r} is not one of auto, {', '.join(DTYPES)}")
+            return DTYPES[self.compute_dtype]
+        return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+
+    def load(self, device: str | None = None, dtype: torch.dtype | None = None):
+        from premem.models import MemoryEncoder
+
+        return MemoryEncoder.from_pretrained(
+            self.checkpoint,
+            memory_layers=self.memory_layers,
+            live_fraction=self.live_fraction,
+            template=self.template,
+            device=device or self.resolved_device(),
+            dtype=dtype or self.resolved_dtype(),
+        )
+
+
+def token_budget_batches(lengths: np.ndarray, tokens_per_batch: int) -> list[np.ndarray]:
+    """Index batches over length-sorted passages, each at most `tokens_per_batch` padded tokens.
+
+    Sorting keeps padding small; the budget (not a count) keeps every batch
+    the same cost, so short passages go through in large batches.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, tokens_per_batch // longest)
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def pad_batch(token_ids: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), longest), dtype=torch.bool)
+    for i, ids in enumerate(token_ids):
+        input_ids[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        mask[i, :len(ids)] = True
+    return input_ids, mask
+
+
+class _Loaded:
+    """Weak-referenceable holder so Beam's Shared keeps one model per worker process."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+
+class EncodeShardFn(beam.DoFn):
+    """Encodes one corpus shard and commits it into the store.
+
+    The model is loaded once per worker process (shared between its
+    threads), never per bundle. A shard that is already committed is skipped,
+    so a retried or resumed element does no work twice.
+    """
+
+    def __init__(self, shards_dir: str, store_path: str, config: EncoderConfig, fingerprint: str):
+        self.shards_dir = shards_dir
+        self.store_path = store_path
+        self.config = config
+        self.fingerprint = fingerprint
+        self._shared = Shared()
+        self.passages = beam.metrics.Metrics.counter("premem", "passages_encoded")
+        self.tokens = beam.metrics.Metrics.counter("premem", "tokens_encoded")
+        self.bytes = beam.metrics.Metrics.counter("premem", "bytes_written")
+        self.skipped = beam.metrics.Metrics.counter("premem", "shards_skipped")
+
+    def setup(self):
+        from premem.storage import MemoryStore
+
+        self.encoder = self._shared.acquire(lambda: _Loaded(self.config.load()), tag=self.fingerprint).encoder
+        if self.encoder.fingerprint != self.fingerprint:
+            raise RuntimeError(f"worker loaded encoder {self.encoder.fingerprint[:12]} but the store expects "
+                               f"{self.fingerprint[:12]}: the checkpoint at {self.config.checkpoint} changed during the job")
+        self.store = MemoryStore.open(self.store_path, expected_fingerprint=self.fingerprint, read_only=False)
+        self.pad_id = self.encoder.tokenizer.pad_token_id or 0
+
+    def process(self, entry: dict):
+        shard = entry["shard"]
+        if self.store.is_committed(shard):
+            self.skipped.inc()
+            return
+        started = time.perf_counter()
+        table = read_shard(self.shards_dir, entry)
+        rows = table.column("row").to_numpy()
+        lengths = table.column("length").to_numpy()
+        token_ids = table.column("token_ids").to_pylist()
+        device = self.config.resolved_device()
+        with self.store.shard_writer(shard) as writer, torch.inference_mode():
+            for batch in token_budget_batches(lengths, self.config.tokens_per_batch):
+                input_ids, mask = pad_batch([token_ids[i] for i in batch], self.pad_id)
+                states = self.encoder(input_ids.to(device), mask.to(device))
+                writer.write(rows[batch], states.cpu(), lengths[batch])
+        self.store.write_metadata(shard, table.drop_columns(["token_ids"]))
+        tokens = int(lengths.sum())
+        self.passages.inc(len(rows))
+        self.tokens.inc(tokens)
+        self.bytes.inc(tokens * self.store.d_model * DTYPES[self.store.dtype].itemsize)
+        yield {"shard": shard, "passages": len(rows), "tokens": tokens, "seconds": time.perf_counter() - started}
+
+
+class EncodeShards(beam.PTransform):
+    """Shard index entries -> one summary per shard encoded now."""
+
+    def __init__(self, shards_dir: str, store_path: str, config: EncoderConfig, fingerprint: str):
+        super().__init__()
+        self.fn = EncodeShardFn(shards_dir, store_path, config, fingerprint)
+
+    def expand(self, entries):
+        return (
+            entries
+            | "SpreadShards" >> beam.Reshuffle()
+            | "Encode" >> beam.ParDo(self.fn)
+        )
