@@ -115,7 +115,7 @@ def _split_beam_args(tokens: list[str]) -> tuple[list[str], list[str]]:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="Stored dtype.")
 @click.option("--compute-dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
-              show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+              show_default=True, help="auto: bfloat16 on GPU and on CPUs with AMX/AVX512-BF16, else float32.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--tokens-per-batch", default=16384, show_default=True,
               help="Padded tokens per batch (batches are formed by this budget over length-sorted passages).")

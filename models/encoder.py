@@ -9,6 +9,7 @@ builds both once at the top of the stack and only T5 block 0 owns the position b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel, PreTrainedModel, T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .checkpoint import CheckpointError, one_line, resolve_checkpoint
 
@@ -276,6 +278,18 @@ def _load_tokenizer(local: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No per-load progress bar: a job loads the model in every worker and reports its own progress."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_encoder(local: Path) -> tuple[PreTrainedModel, str]:
     """The checkpoint's encoder in fp32 eval mode, and its arch ("t5" or "bert")."""
     model_type = _model_type(local)
@@ -284,14 +298,15 @@ def _load_encoder(local: Path) -> tuple[PreTrainedModel, str]:
         config = AutoConfig.from_pretrained(local, local_files_only=True)
         model_class = T5EncoderModel if arch == "t5" else BertModel
         # SDPA accepts the float masks built here; T5EncoderModel reads the encoder of a full T5 checkpoint too.
-        model, loading = model_class.from_pretrained(
-            local,
-            config=config,
-            dtype=torch.float32,
-            attn_implementation="sdpa",
-            local_files_only=True,
-            output_loading_info=True,
-        )
+        with _quiet_loading():
+            model, loading = model_class.from_pretrained(
+                local,
+                config=config,
+                dtype=torch.float32,
+                attn_implementation="sdpa",
+                local_files_only=True,
+                output_loading_info=True,
+            )
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(
             f"cannot load the weights of checkpoint {local} ({one_line(e)}): copy the checkpoint again"
