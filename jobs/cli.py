@@ -184,10 +184,10 @@ def _echo_summary(s: dict) -> None:
     click.echo(f"rows:     {s['committed_rows']}/{s['rows']} committed in {s['committed_shards']}/{s['num_shards']} shards"
                + (" (complete)" if s["committed_shards"] == s["num_shards"] else " (INCOMPLETE: resume with `premem encode`)"))
     click.echo(f"tokens:   {s['tokens']} (max {s['max_tokens']} per passage), d={s['d_model']}, {s['dtype']}")
-    on_disk = s.get("bytes_on_disk")
-    per_token = s.get("bytes_per_token")
-    click.echo(f"bytes:    {s['logical_bytes'] / 2**20:.1f} MiB of real tokens"
-               + (f", {on_disk / 2**20:.1f} MiB on disk ({per_token:.0f} B/token)" if on_disk else ""))
+    on_disk = s.get("memory_bytes_on_disk")
+    click.echo(f"bytes:    {s['logical_bytes'] / 2**20:.1f} MiB of real tokens ({s['logical_bytes_per_token']} B/token raw)"
+               + (f", memory {on_disk / 2**20:.1f} MiB on disk ({s['bytes_per_token']:.0f} B/token incl. padding, "
+                  "zstd)" if on_disk else ""))
     click.echo(f"encoder:  {enc.get('checkpoint')} ({enc.get('arch')}, layers [0, {enc.get('memory_layers')}) "
                f"of {enc.get('num_layers')}), fingerprint {s['fingerprint'][:16]}")
 
