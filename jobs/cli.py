@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from premem.models import DEFAULT_TEMPLATE
 from premem.pipeline.read import FieldNames
 from premem.pipeline.shard import ShardConfig
 
@@ -69,7 +70,7 @@ def main() -> None:
 @click.option("--passage-words", default=100, show_default=True, help="Words per passage (DPR-style split).")
 @click.option("--max-tokens", default=256, show_default=True, help="Tokens kept per passage (truncation).")
 @click.option("--shard-size", default=1024, show_default=True, help="Passages per shard.")
-@click.option("--template", default="title: {title} context: {text}", show_default=True,
+@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
               help="Passage rendering; only {title} and {text}.")
 @click.option("--id-field", default="id", show_default=True)
 @click.option("--title-field", default="title", show_default=True)
@@ -111,7 +112,7 @@ def _split_beam_args(tokens: list[str]) -> tuple[list[str], list[str]]:
 @click.option("--encoder", required=True, help="Checkpoint directory (local or gs://), or 'minilm'.")
 @click.option("--memory-layers", "-k", type=int, help="K: frozen layers [0, K) whose output is stored.")
 @click.option("--live-fraction", type=float, help="α: K = round((1-α)·L), instead of --memory-layers.")
-@click.option("--template", default="title: {title} context: {text}", show_default=True)
+@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True)
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="Stored dtype.")
 @click.option("--compute-dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",

@@ -242,7 +242,9 @@ class MelodiState:
         return MelodiState(self.z.detach(), self.fifo.detach(), self.n_valid.detach())
 
     def to(self, *args: Any, **kwargs: Any) -> "MelodiState":
-        return MelodiState(self.z.to(*args, **kwargs), self.fifo.to(*args, **kwargs), self.n_valid.to(kwargs.get("device", self.n_valid.device)))
+        """Like Tensor.to for z and fifo; n_valid only follows the device."""
+        z, fifo = self.z.to(*args, **kwargs), self.fifo.to(*args, **kwargs)
+        return MelodiState(z, fifo, self.n_valid.to(fifo.device))
 
     def reset(self, rows: Tensor) -> "MelodiState":
         """Zero the memories of the batch rows where `rows` (bool [B]) is True, e.g. where a new book starts."""
@@ -305,7 +307,8 @@ class TokenMixing(nn.Module):
             self.norm_x = RMSNorm(d, eps)
             self.norm_u = RMSNorm(d, eps)
         self.lin = nn.Linear(n_in, n_out, bias=True)
-        nn.init.trunc_normal_(self.lin.weight, std=1.0 / math.sqrt(n_in), a=-2.0 / math.sqrt(n_in), b=2.0 / math.sqrt(n_in))
+        std = 1.0 / math.sqrt(n_in)  # variance scaling, fan-in, truncated normal
+        nn.init.trunc_normal_(self.lin.weight, std=std, a=-2.0 * std, b=2.0 * std)
         nn.init.zeros_(self.lin.bias)
 
     def forward(self, x: Tensor, u: Tensor) -> Tensor:
@@ -338,7 +341,9 @@ class MelodiLayer(nn.Module):
         self.norm_ffn = RMSNorm(d, c.norm_eps)
         self.ff1 = nn.Linear(d, c.d_ff, bias=True)
         self.ff2 = nn.Linear(c.d_ff, d, bias=True)
+        # reference dropout placement: after the pre-attention norm, on the attention matrix, after the FFN
         self.drop = nn.Dropout(c.dropout)
+        self.attn_drop = nn.Dropout(c.dropout)
         n_in = c.W + c.Su
         self.branching = c.use_branching and c.S > 0
         if self.branching:
@@ -362,7 +367,7 @@ class MelodiLayer(nn.Module):
 
     def _kv(self, states: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised keys and values [..., n, H, Dh] of token states [..., n, d] (this layer's norm/projections)."""
-        h = self.norm_attn(states)
+        h = self.drop(self.norm_attn(states))  # pre-attention dropout, as in the reference config
         return F.normalize(self._heads(self.wk(h)), dim=-1), self._heads(self.wv(h))
 
     def gate_alpha(self) -> Tensor:
@@ -380,7 +385,7 @@ class MelodiLayer(nn.Module):
         c = self.config
         B, n, W, _ = x.shape
         h = torch.cat([x, u], dim=2)  # [B, n, W+Su, d]
-        hn = self.norm_attn(h)
+        hn = self.drop(self.norm_attn(h))
         q = F.normalize(self._heads(self.wq(hn)), dim=-1)
         k = F.normalize(self._heads(self.wk(hn)), dim=-1)
         v = self._heads(self.wv(hn))
@@ -398,12 +403,13 @@ class MelodiLayer(nn.Module):
             vv = torch.cat([vz, v[:, w]], dim=1)
             s = (torch.einsum("bqhd,bkhd->bhqk", q[:, w], kk) + bias) * scale
             p = torch.softmax(s.masked_fill(~self.mask, neg), dim=-1) * self.has_key.view(1, 1, -1, 1)
+            p = self.attn_drop(p)
             a = torch.einsum("bhqk,bkhd->bqhd", p, vv)
             if self.long_term:
-                pc = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q[:, w], fk) * scale, dim=-1)
+                pc = self.attn_drop(torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q[:, w], fk) * scale, dim=-1))
                 ac = torch.einsum("bhqk,bkhd->bqhd", pc, fv)
                 a = alpha * a + (1.0 - alpha) * ac
-            hh = h[:, w] + self.drop(self.wo(a.flatten(-2)))
+            hh = h[:, w] + self.wo(a.flatten(-2))
             out = hh + self.drop(self.ff2(F.relu(self.ff1(self.norm_ffn(hh)))))
             xo, uo = out[:, :W], out[:, W:]
             if self.long_term:
@@ -441,12 +447,15 @@ class MelodiLM(nn.Module):
             MelodiLayer(c, long_term=c.long_term_enabled and i == c.long_term_layer) for i in range(c.num_layers)
         )
         self.final_norm = RMSNorm(c.d_model, c.norm_eps)
+        self.final_drop = nn.Dropout(c.dropout)
 
     def initial_state(self, batch_size: int) -> MelodiState:
         p = self.embed.weight
         return MelodiState.zeros(self.config, batch_size, device=p.device, dtype=p.dtype)
 
-    def _run(self, tokens: Tensor, state: MelodiState | None, last_layer: int) -> tuple[Tensor, MelodiState, Tensor | None]:
+    def _run(
+        self, tokens: Tensor, state: MelodiState | None, last_layer: int
+    ) -> tuple[Tensor, MelodiState, Tensor | None]:
         c = self.config
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T], got {tuple(tokens.shape)}")
@@ -481,7 +490,7 @@ class MelodiLM(nn.Module):
         token i+1 (the caller shifts targets within the segment).
         """
         h, new_state, incs = self._run(tokens, state, self.config.num_layers - 1)
-        logits = self.final_norm(h) @ self.embed.weight.t() / math.sqrt(self.config.d_model)
+        logits = self.final_drop(self.final_norm(h)) @ self.embed.weight.t() / math.sqrt(self.config.d_model)
         return (logits, new_state, incs) if return_increments else (logits, new_state)
 
     def forward_until_long_term(self, tokens: Tensor, state: MelodiState | None = None) -> tuple[Tensor, MelodiState]:

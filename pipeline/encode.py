@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from apache_beam.utils.shared import Shared
 
+from premem.models import DEFAULT_TEMPLATE
 from premem.pipeline.shard import read_shard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,7 +28,7 @@ class EncoderConfig:
     checkpoint: str
     memory_layers: int | None = None
     live_fraction: float | None = None
-    template: str = "title: {title} context: {text}"
+    template: str = DEFAULT_TEMPLATE
     device: str = "auto"
     compute_dtype: str = "auto"
     tokens_per_batch: int = 16384

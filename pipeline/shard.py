@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from premem.models import DEFAULT_TEMPLATE
 from premem.pipeline.read import DropDuplicateIds, FieldNames, ReadDocuments, Reject
 
 INDEX_FILE = "index.json"
@@ -41,7 +42,7 @@ class ShardConfig:
     passage_words: int = 100
     max_tokens: int = 256
     shard_size: int = 1024
-    template: str = "title: {title} context: {text}"
+    template: str = DEFAULT_TEMPLATE
     fields: FieldNames = FieldNames()
     max_doc_chars: int = 64 << 20
 
