@@ -8,6 +8,7 @@ options as `--name=value`.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def _find_user_error(err: BaseException) -> BaseException | None:
 @click.version_option(package_name="premem")
 def main() -> None:
     """premem: pre-encode text corpora into stored memory for LUMEN and MELODI."""
+    # Errors reach the user once, from here; Beam would log each worker failure's traceback as well.
+    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
 
 
 @main.command(context_settings=BEAM_ARGS)

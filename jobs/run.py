@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import threading
-import time
 from typing import Callable
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from premem.pipeline.encode import EncoderConfig, EncodeShards
 from premem.pipeline.read import expand_inputs
 from premem.pipeline.shard import INDEX_FORMAT, ShardConfig, ShardCorpus, read_index
+
+
+FAILURES_FILE = "failed-shards.jsonl"
 
 
 class JobError(RuntimeError):
@@ -65,9 +69,11 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
         raise JobError(f"the shards were rendered with template {index['template']!r} but the encoder is asked for "
                        f"{config.template!r}: pass --template to match or re-run `premem shard`")
     encoder = config.load(device="cpu", dtype=None)
-    if tokenizer_fingerprint(encoder.tokenizer) != index["tokenizer_fingerprint"]:
-        raise JobError(f"the shards in {shards_dir} were tokenized with {index['tokenizer']}, whose tokenizer differs "
-                       f"from {config.checkpoint}'s: re-run `premem shard --tokenizer {config.checkpoint}`")
+    encoder_tokenizer = tokenizer_fingerprint(encoder.tokenizer)
+    if encoder_tokenizer != index["tokenizer_fingerprint"]:
+        raise JobError(f"the shards in {shards_dir} were tokenized by another tokenizer (from {index['tokenizer']}, "
+                       f"fingerprint {index['tokenizer_fingerprint'][:12]}) than {config.checkpoint}'s "
+                       f"({encoder_tokenizer[:12]}): re-run `premem shard --tokenizer {config.checkpoint}`")
     fingerprint, info = encoder.fingerprint, encoder.info()
     del encoder
     store = MemoryStore.create(
@@ -80,12 +86,19 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
     stats = {"shards": index["num_shards"], "skipped": index["num_shards"] - len(todo), "encoded": len(todo)}
     if todo:
         watcher = _watch_commits(store, index["num_shards"], progress) if progress else contextlib.nullcontext()
+        failures_path = FileSystems.join(store_path, FAILURES_FILE)
         with watcher, beam.Pipeline(options=_options(pipeline_args)) as pipeline:
             _ = (
                 pipeline
                 | "Shards" >> beam.Create(todo)
-                | "EncodeShards" >> EncodeShards(shards_dir, store_path, config, fingerprint)
+                | "EncodeShards" >> EncodeShards(shards_dir, store_path, config, fingerprint, failures_path)
             )
+        with FileSystems.open(failures_path) as handle:
+            failures = [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
+        if failures:
+            store.finalize()
+            raise JobError(f"{len(failures)} of {len(todo)} shards could not be encoded, the others are committed "
+                           f"(all reasons in {failures_path}); first: {failures[0]['error']}")
     store.finalize()
     summary = store.summary()
     summary["run"] = stats

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import apache_beam as beam
@@ -12,6 +13,7 @@ from apache_beam.utils.shared import Shared
 from premem.models import DEFAULT_TEMPLATE
 from premem.pipeline.shard import read_shard
 
+FAILED = "failed"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -111,6 +113,7 @@ class EncodeShardFn(beam.DoFn):
         self.tokens = beam.metrics.Metrics.counter("premem", "tokens_encoded")
         self.bytes = beam.metrics.Metrics.counter("premem", "bytes_written")
         self.skipped = beam.metrics.Metrics.counter("premem", "shards_skipped")
+        self.failed = beam.metrics.Metrics.counter("premem", "shards_failed")
 
     def setup(self):
         from premem.storage import MemoryStore
@@ -128,7 +131,12 @@ class EncodeShardFn(beam.DoFn):
             self.skipped.inc()
             return
         started = time.perf_counter()
-        table = read_shard(self.shards_dir, entry)
+        try:
+            table = read_shard(self.shards_dir, entry)
+        except ValueError as err:  # one bad shard file must not stop the others
+            self.failed.inc()
+            yield beam.pvalue.TaggedOutput(FAILED, json.dumps({"shard": shard, "error": str(err)}))
+            return
         rows = table.column("row").to_numpy()
         lengths = table.column("length").to_numpy()
         token_ids = table.column("token_ids").to_pylist()
@@ -147,15 +155,23 @@ class EncodeShardFn(beam.DoFn):
 
 
 class EncodeShards(beam.PTransform):
-    """Shard index entries -> one summary per shard encoded now."""
+    """Shard index entries -> one summary per shard encoded now.
 
-    def __init__(self, shards_dir: str, store_path: str, config: EncoderConfig, fingerprint: str):
+    Shards whose file cannot be read are listed in `failures_path` (JSON
+    lines, rewritten by every run) instead of failing the whole job.
+    """
+
+    def __init__(self, shards_dir: str, store_path: str, config: EncoderConfig, fingerprint: str, failures_path: str):
         super().__init__()
         self.fn = EncodeShardFn(shards_dir, store_path, config, fingerprint)
+        self.failures_path = failures_path
 
     def expand(self, entries):
-        return (
+        results = (
             entries
             | "SpreadShards" >> beam.Reshuffle()
-            | "Encode" >> beam.ParDo(self.fn)
+            | "Encode" >> beam.ParDo(self.fn).with_outputs(FAILED, main="encoded")
         )
+        _ = results[FAILED] | "WriteFailures" >> beam.io.WriteToText(
+            self.failures_path, shard_name_template="", num_shards=1)
+        return results.encoded

@@ -287,6 +287,13 @@ def read_shard(shards_dir: str, entry: dict) -> pa.Table:
     from apache_beam.io.filesystem import CompressionTypes
 
     path = FileSystems.join(shards_dir, entry["path"])
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return pq.read_table(handle)
-
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            table = pq.read_table(handle)
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(f"shard file {path} is missing or unreadable ({type(err).__name__}): "
+                         "re-run `premem shard` into a fresh --out directory") from None
+    if table.num_rows != entry["passages"]:
+        raise ValueError(f"shard file {path} has {table.num_rows} rows but index.json says {entry['passages']}: "
+                         "re-run `premem shard` into a fresh --out directory")
+    return table

@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -714,8 +714,8 @@ class MemoryStore:
         arr = self._array("memory")
         try:
             return arr.oindex[rows, :p_max].read().result()
-        except Exception as e:
-            err = e
+        except Exception:
+            pass
         # Find the first unreadable row so the message names it.
         for r in np.unique(rows).tolist():
             try:

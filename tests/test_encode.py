@@ -160,3 +160,24 @@ def test_cli_shard_encode_info(tmp_path, plays_corpus, minilm_path):
     assert "(complete)" in result.output and "layers [0, 3) of 6" in result.output
     result = _cli("info", tmp_path / "st")
     assert result.exit_code == 0 and "B/token" in result.output
+
+
+def test_missing_shard_file_fails_clearly_and_keeps_the_others(tmp_path, minilm_shards, minilm_path):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(minilm_shards, shards)
+    (shards / "shard-00002.parquet").unlink()
+    result = _cli("encode", shards, "--store", tmp_path / "st", "--encoder", minilm_path, "-k", 4, "--no-progress")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 1 of 6 shards could not be encoded"), result.output
+    assert "shard-00002.parquet is missing or unreadable" in lines[0]
+    failures = [json.loads(line) for line in (tmp_path / "st" / "failed-shards.jsonl").read_text().splitlines()]
+    assert [f["shard"] for f in failures] == [2]
+    store = MemoryStore.open(str(tmp_path / "st"))
+    assert store.committed_shards() == {0, 1, 3, 4, 5}
+    shutil.copy(minilm_shards / "shard-00002.parquet", shards)  # restored: the rerun finishes the store
+    result = _cli("encode", shards, "--store", tmp_path / "st", "--encoder", minilm_path, "-k", 4, "--no-progress")
+    assert result.exit_code == 0 and "5 already committed, skipped; 1 encoded" in result.output, result.output
+    assert (tmp_path / "st" / "failed-shards.jsonl").read_text() == ""

@@ -362,7 +362,7 @@ def test_concurrent_workers_match_single_writer(tmp_path):
     single = make(tmp_path / "single")
     _worker(str(tmp_path / "single"), list(range(single.num_shards)))
 
-    multi = make(tmp_path / "multi")
+    make(tmp_path / "multi")
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(str(tmp_path / "multi"), shards)) for shards in ([0, 2, 4], [1, 3, 5])]
     for p in procs:
