@@ -141,12 +141,13 @@ class EncodeShardFn(beam.DoFn):
         lengths = table.column("length").to_numpy()
         token_ids = table.column("token_ids").to_pylist()
         device = self.config.resolved_device()
+        # Metadata first: the commit marker, written last, vouches for everything of the shard.
+        self.store.write_metadata(shard, table.drop_columns(["token_ids"]))
         with self.store.shard_writer(shard) as writer, torch.inference_mode():
             for batch in token_budget_batches(lengths, self.config.tokens_per_batch):
                 input_ids, mask = pad_batch([token_ids[i] for i in batch], self.pad_id)
                 states = self.encoder(input_ids.to(device), mask.to(device))
                 writer.write(rows[batch], states.cpu(), lengths[batch])
-        self.store.write_metadata(shard, table.drop_columns(["token_ids"]))
         tokens = int(lengths.sum())
         self.passages.inc(len(rows))
         self.tokens.inc(tokens)
