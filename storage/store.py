@@ -34,18 +34,6 @@ import pyarrow.parquet as pq
 import tensorstore as ts
 import torch
 
-__all__ = [
-    "FORMAT_VERSION",
-    "KIND",
-    "FingerprintMismatch",
-    "MemoryBatch",
-    "MemoryStore",
-    "ShardWriter",
-    "StoreError",
-    "kvstore_spec",
-    "normalize_path",
-]
-
 FORMAT_VERSION = 1
 KIND = "lumen-memory"
 MANIFEST = "manifest.json"
