@@ -151,7 +151,7 @@ class EncodeShardFn(beam.DoFn):
         tokens = int(lengths.sum())
         self.passages.inc(len(rows))
         self.tokens.inc(tokens)
-        self.bytes.inc(tokens * self.store.d_model * DTYPES[self.store.dtype].itemsize)
+        self.bytes.inc(tokens * self.store.d_model * self.store.torch_dtype.itemsize)
         yield {"shard": shard, "passages": len(rows), "tokens": tokens, "seconds": time.perf_counter() - started}
 
 
