@@ -9,53 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
-
+from premem.jobs.clitools import BEAM_ARGS, ProgressBar, run_job, split_beam_args
 from premem.models import DEFAULT_TEMPLATE
 from premem.pipeline.read import FieldNames
 from premem.pipeline.shard import ShardConfig
-
-BEAM_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True}
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from premem.jobs.run import JobError
-    from premem.models import CheckpointError
-    from premem.pipeline.read import InputError
-    from premem.storage import StoreError
-
-    return JobError, CheckpointError, InputError, StoreError, FileNotFoundError, ValueError
-
-
-def _fail(err: BaseException) -> None:
-    click.echo(f"error: {err}", err=True)
-    sys.exit(2)
-
-
-def _run(fn, *args, **kwargs):
-    """Runs a job, turning the errors a user can fix into one line and exit code 2."""
-    try:
-        return fn(*args, **kwargs)
-    except _user_errors() as err:
-        _fail(err)
-    except Exception as err:  # Beam wraps worker errors: unwrap the user-facing ones
-        cause = _find_user_error(err)
-        if cause is None:
-            raise
-        _fail(cause)
-
-
-def _find_user_error(err: BaseException) -> BaseException | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, _user_errors()):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
 
 
 @click.group()
@@ -86,11 +46,11 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
     """Split INPUTS (.jsonl/.parquet/.txt files, dirs, globs; local or gs://) into tokenized passage shards."""
     from premem.jobs.run import run_shard
 
-    inputs, beam_args = _split_beam_args(list(inputs) + ctx.args)
+    inputs, beam_args = split_beam_args(list(inputs) + ctx.args)
     config = ShardConfig(tokenizer=tokenizer, passage_words=passage_words, max_tokens=max_tokens,
                          shard_size=shard_size, template=template, max_doc_chars=max_doc_chars,
                          fields=FieldNames(id=id_field, title=title_field, text=text_field))
-    index = _run(run_shard, inputs, out, config, beam_args)
+    index = run_job(run_shard, inputs, out, config, beam_args)
     records = index["records"]
     click.echo(f"{records['input']} input records = {records['accepted']} accepted + {records['rejected']} rejected"
                + (f" (see {out}/rejects.jsonl)" if records["rejected"] else ""))
@@ -99,14 +59,6 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
     truncated = sum(s["truncated"] for s in index["shards"])
     click.echo(f"{index['rows']} passages, {index['tokens']} tokens ({truncated} truncated to {max_tokens}) "
                f"in {index['num_shards']} shards under {out}")
-
-
-def _split_beam_args(tokens: list[str]) -> tuple[list[str], list[str]]:
-    inputs = [t for t in tokens if not t.startswith("--")]
-    beam_args = [t for t in tokens if t.startswith("--")]
-    if not inputs:
-        raise click.UsageError("give at least one input file, directory or glob")
-    return inputs, beam_args
 
 
 @main.command(context_settings=BEAM_ARGS)
@@ -137,35 +89,12 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
     config = EncoderConfig(checkpoint=encoder, memory_layers=memory_layers, live_fraction=live_fraction,
                            template=template, device=device, compute_dtype=compute_dtype,
                            tokens_per_batch=tokens_per_batch)
-    with _progress_bar(progress) as report:
-        summary = _run(run_encode, shards, store, config, dtype=dtype, zstd_level=zstd_level,
+    with ProgressBar(progress) as report:
+        summary = run_job(run_encode, shards, store, config, dtype=dtype, zstd_level=zstd_level,
                        pipeline_args=ctx.args, progress=report)
     run = summary["run"]
     click.echo(f"shards: {run['shards']} ({run['skipped']} already committed, skipped; {run['encoded']} encoded)")
     _echo_summary(summary)
-
-
-class _progress_bar:
-    """A tqdm bar over committed shards, fed by the store watcher."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-
-    def __enter__(self):
-        return self.update if self.enabled else None
-
-    def update(self, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=total, unit="shard", desc="encode", file=sys.stderr)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
 
 
 @main.command()
@@ -175,7 +104,7 @@ def info(store, as_json):
     """Summarise a memory STORE: rows, tokens, bytes per token, encoder, shards."""
     from premem.storage import MemoryStore
 
-    summary = _run(lambda: MemoryStore.open(store).summary())
+    summary = run_job(lambda: MemoryStore.open(store).summary())
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     else:
@@ -220,6 +149,10 @@ def demo(ctx, workdir, plays, memory_layers):
                f"mask {tuple(batch.mask.shape)}, lengths {batch.lengths.tolist()}")
     for record in meta:
         click.echo(f"  row {record['row']}: {record['title']} #{record['passage']}: {record['text'][:70]}...")
+
+
+# Commands of the other capabilities live in their own modules.
+# (each: `from premem.jobs.<module> import <command>; main.add_command(<command>)`)
 
 
 if __name__ == "__main__":
