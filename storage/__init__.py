@@ -1,5 +1,6 @@
 """premem.storage."""
 
+from premem.storage.neighbors import Neighbors, read_neighbors, write_neighbors
 from premem.storage.store import (
     FORMAT_VERSION,
     KIND,
@@ -18,8 +19,11 @@ __all__ = [
     "FingerprintMismatch",
     "MemoryBatch",
     "MemoryStore",
+    "Neighbors",
     "ShardWriter",
     "StoreError",
     "kvstore_spec",
     "normalize_path",
+    "read_neighbors",
+    "write_neighbors",
 ]
