@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 
@@ -103,17 +104,22 @@ class EncodeShardFn(beam.DoFn):
     so a retried or resumed element does no work twice.
     """
 
-    def __init__(self, shards_dir: str, store_path: str, config: EncoderConfig, fingerprint: str):
+    def __init__(self, shards_dir: str, store_path: str, config: EncoderConfig, fingerprint: str,
+                 lease_token: str | None = None, retriever=None, retriever_fingerprint: str | None = None):
         self.shards_dir = shards_dir
+        self.retriever = retriever  # RetrieverConfig: retrieval embeddings in the same pass; None: memory only
+        self.retriever_fingerprint = retriever_fingerprint
         self.store_path = store_path
         self.config = config
         self.fingerprint = fingerprint
+        self.lease_token = lease_token  # the job's writer lease: checked before each shard is written
         self._shared = Shared()
         self.passages = beam.metrics.Metrics.counter("premem", "passages_encoded")
         self.tokens = beam.metrics.Metrics.counter("premem", "tokens_encoded")
         self.bytes = beam.metrics.Metrics.counter("premem", "bytes_written")
         self.skipped = beam.metrics.Metrics.counter("premem", "shards_skipped")
         self.failed = beam.metrics.Metrics.counter("premem", "shards_failed")
+        self.embedded = beam.metrics.Metrics.counter("premem", "passages_embedded")
 
     def setup(self):
         from premem.storage import MemoryStore
@@ -123,19 +129,37 @@ class EncodeShardFn(beam.DoFn):
             raise RuntimeError(f"worker loaded encoder {self.encoder.fingerprint[:12]} but the store expects "
                                f"{self.fingerprint[:12]}: the checkpoint at {self.config.checkpoint} changed during the job")
         self.store = MemoryStore.open(self.store_path, expected_fingerprint=self.fingerprint, read_only=False)
+        if self.lease_token is not None:
+            from premem.storage.lease import check_lease
+
+            self.store.commit_guard = functools.partial(check_lease, self.store_path, self.lease_token)
         self.pad_id = self.encoder.tokenizer.pad_token_id or 0
+        self.embedder = None
+        if self.retriever is not None:
+            from premem.pipeline.embed import ShardEmbedder
+
+            self.embedder = ShardEmbedder(self.retriever, self.store, self.retriever_fingerprint)
 
     def process(self, entry: dict):
         shard = entry["shard"]
-        if self.store.is_committed(shard):
+        memory_done = self.store.is_committed(shard)
+        embed = self.embedder is not None and not self.embedder.is_committed(shard)
+        if memory_done and not embed:
             self.skipped.inc()
             return
+        if self.store.commit_guard is not None:
+            self.store.commit_guard()  # a job that lost its writer lease writes nothing more
         started = time.perf_counter()
         try:
             table = read_shard(self.shards_dir, entry)
         except ValueError as err:  # one bad shard file must not stop the others
             self.failed.inc()
             yield beam.pvalue.TaggedOutput(FAILED, json.dumps({"shard": shard, "error": str(err)}))
+            return
+        if memory_done:  # only the retrieval embeddings are missing: the memory is not encoded again
+            self.embedded.inc(self.embedder.commit(shard, table))
+            yield {"shard": shard, "passages": table.num_rows, "tokens": 0, "embedded_only": True,
+                   "seconds": time.perf_counter() - started}
             return
         rows = table.column("row").to_numpy()
         lengths = table.column("length").to_numpy()
@@ -148,6 +172,10 @@ class EncodeShardFn(beam.DoFn):
                 input_ids, mask = pad_batch([token_ids[i] for i in batch], self.pad_id)
                 states = self.encoder(input_ids.to(device), mask.to(device))
                 writer.write(rows[batch], states.cpu(), lengths[batch])
+                if embed:
+                    self.embedder.collect(rows[batch], states, lengths[batch])
+        if embed:
+            self.embedded.inc(self.embedder.commit(shard, table))
         tokens = int(lengths.sum())
         self.passages.inc(len(rows))
         self.tokens.inc(tokens)
@@ -162,9 +190,11 @@ class EncodeShards(beam.PTransform):
     lines, rewritten by every run) instead of failing the whole job.
     """
 
-    def __init__(self, shards_dir: str, store_path: str, config: EncoderConfig, fingerprint: str, failures_path: str):
+    def __init__(self, shards_dir: str, store_path: str, config: EncoderConfig, fingerprint: str, failures_path: str,
+                 lease_token: str | None = None, retriever=None, retriever_fingerprint: str | None = None):
         super().__init__()
-        self.fn = EncodeShardFn(shards_dir, store_path, config, fingerprint)
+        self.fn = EncodeShardFn(shards_dir, store_path, config, fingerprint, lease_token, retriever,
+                                retriever_fingerprint)
         self.failures_path = failures_path
 
     def expand(self, entries):

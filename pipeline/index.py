@@ -1,0 +1,211 @@
+"""`premem index`: a faiss index over the store's retrieval embeddings, trained on a sample, filled shard by shard.
+
+1. choose the factory (``auto``: from the row count and the memory budget), sample the training vectors the
+   factory needs, train once in the driver and store the trained empty index;
+2. a Beam job: each element is one shard; it loads the trained index, adds that shard's embeddings with their
+   store rows as ids and writes the part (``index/parts/``);
+3. the driver merges the parts one at a time (in memory, or ``--on-disk`` into one memory-mapped ivfdata file),
+   tunes nprobe / efSearch to the target recall against exact search on a sample, and records everything in
+   the manifest.  HNSW graphs cannot merge: their shards are added one after another in the driver.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+
+import apache_beam as beam
+import faiss
+import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
+from premem.storage import MemoryStore
+from premem.storage import faiss_index as fx
+from premem.storage.embeddings import (
+    _write_manifest_key,
+    embedding_committed_shards,
+    read_embeddings,
+    read_shard_embeddings,
+    retriever_info,
+)
+from premem.storage.store import _now
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    factory: str = fx.AUTO
+    max_memory: int | None = None  # bytes for the index's codes (auto factory choice)
+    train_size: int | None = None  # None: what the factory needs (39-256 points per centroid)
+    on_disk: bool = False  # IVF only: inverted lists merged into one mmap'ed file (local stores)
+    target_recall: float = fx.TARGET_RECALL
+    tune_queries: int = fx.TUNE_QUERIES
+    seed: int = 0
+
+
+class AddShardFn(beam.DoFn):
+    """One shard's embeddings -> one index part (the trained index plus that shard's vectors, ids = rows)."""
+
+    def __init__(self, store_path: str):
+        self.store_path = store_path
+        self.vectors = beam.metrics.Metrics.counter("premem", "vectors_indexed")
+        self.skipped = beam.metrics.Metrics.counter("premem", "index_parts_skipped")
+
+    def setup(self):
+        self.store = MemoryStore.open(self.store_path, read_only=False)
+        self.trained = fx.deserialize(fx.read_index_bytes(self.store, fx.TRAINED))
+
+    def process(self, shard: int):
+        rows, vectors = read_shard_embeddings(self.store, shard)
+        part = faiss.clone_index(self.trained)
+        fx.add_rows(part, rows, vectors)
+        fx.write_index_bytes(self.store, fx.part_key(shard), fx.serialize(part))
+        self.vectors.inc(len(rows))
+        yield {"shard": shard, "vectors": len(rows)}
+
+
+class AddShardsToIndex(beam.PTransform):
+    """Shard numbers -> one part per shard written into the store; emits a summary per part."""
+
+    def __init__(self, store_path: str):
+        super().__init__()
+        self.store_path = store_path
+
+    def expand(self, shards):
+        return shards | "Spread" >> beam.Reshuffle() | "AddShard" >> beam.ParDo(AddShardFn(self.store_path))
+
+
+def _sample_rows(shards: list[int], store: MemoryStore, size: int, seed: int) -> np.ndarray:
+    rows = np.concatenate([np.arange(r.start, r.stop) for r in (store.shard_rows(s) for s in shards)])
+    if size >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, size=size, replace=False))
+
+
+def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_args: list[str] | None = None,
+                log=lambda message: None) -> dict:
+    """Builds and stores the index; returns the manifest's ``index`` record."""
+    started = time.perf_counter()
+    store = MemoryStore.open(store_path, read_only=False)
+    rinfo = retriever_info(store)
+    if rinfo is None:
+        raise fx.RetrievalError(f"store {store.path} has no retrieval embeddings: add them with `premem encode SHARDS "
+                                f"--store {store.path} ... --retriever minilm` (memory is not re-encoded)")
+    shards = sorted(embedding_committed_shards(store))
+    missing = sorted(set(range(store.num_shards)) - set(shards))
+    if missing:
+        raise fx.RetrievalError(f"{len(missing)} of {store.num_shards} shards of store {store.path} have no committed "
+                                f"embeddings (first: shard {missing[0]}): resume `premem encode ... --retriever "
+                                f"{rinfo.get('checkpoint', rinfo.get('kind'))}` first")
+    rows, dim = store.rows, int(rinfo["dim"])
+    factory = fx.auto_factory(rows, dim, config.max_memory) if config.factory == fx.AUTO else config.factory
+    needs = fx.training_needs(fx.new_index(factory, dim))
+    train_size = min(rows, config.train_size or needs.recommended or 0)
+    if config.train_size is not None and config.train_size < needs.minimum:
+        raise fx.RetrievalError(f"--train-size {config.train_size} is below the {needs.minimum} vectors factory "
+                                f"{factory!r} needs to train")
+    log(f"factory {factory} for {rows} vectors of dim {dim}; training on {train_size} sampled vectors")
+
+    t0 = time.perf_counter()
+    sample = read_embeddings(store, _sample_rows(shards, store, train_size, config.seed)) if train_size else \
+        np.zeros((0, dim), np.float32)
+    trained = fx.train_index(factory, sample, rows)
+    train_seconds = time.perf_counter() - t0
+    fx.write_index_bytes(store, fx.TRAINED, fx.serialize(trained))
+
+    t0 = time.perf_counter()
+    mergeable = fx.is_mergeable(trained)
+    if config.on_disk and not (fx._is_ivf(trained) and "://" not in store.path):
+        raise fx.RetrievalError("--on-disk needs an IVF factory and a local store: drop --on-disk or pick an IVF "
+                                "factory")
+    if mergeable:
+        log(f"adding {len(shards)} shards in parallel (Beam), one index part each")
+        with beam.Pipeline(options=PipelineOptions(list(pipeline_args or []))) as pipeline:
+            _ = pipeline | "Shards" >> beam.Create(shards) | "AddShards" >> AddShardsToIndex(store.path)
+        add_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        index = _merge(store, trained, shards, config.on_disk)
+    else:
+        log(f"factory {factory} cannot merge parts (HNSW graph): adding the {len(shards)} shards in order here")
+        index = faiss.clone_index(trained)
+        for shard in shards:
+            fx.add_rows(index, *read_shard_embeddings(store, shard))
+        add_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    merge_seconds = time.perf_counter() - t0
+    if index.ntotal != rows:
+        raise fx.RetrievalError(f"the merged index holds {index.ntotal} vectors, the store {rows}: rebuild with "
+                                f"`premem index {store.path}`")
+
+    t0 = time.perf_counter()
+    queries = sample[: config.tune_queries] if len(sample) else read_embeddings(store, np.arange(min(rows, 256)))
+    k = min(10, rows)
+    _, exact_rows = fx.exact_top_k(queries, (read_shard_embeddings(store, s) for s in shards), k)
+    params = fx.tune_search_params(index, queries, exact_rows, k, config.target_recall)
+    tune_seconds = time.perf_counter() - t0
+    log(f"search defaults {params}")
+
+    if config.on_disk:
+        faiss.write_index(index, os.path.join(store.path, fx.MERGED))
+        size = os.path.getsize(os.path.join(store.path, fx.MERGED)) + os.path.getsize(
+            os.path.join(store.path, fx.IVFDATA))
+    else:
+        data = fx.serialize(index)
+        fx.write_index_bytes(store, fx.MERGED, data)
+        size = len(data)
+    for shard in shards:
+        store._kv.delete_range(faiss_key_range(fx.part_key(shard))).result()
+    record = {
+        "factory": factory,
+        "requested_factory": config.factory,
+        "metric": "inner_product",
+        "dim": dim,
+        "ntotal": int(index.ntotal),
+        "shards": len(shards),
+        "train_size": int(len(sample)),
+        "training_needs": {"minimum": needs.minimum, "recommended": needs.recommended},
+        "max_memory": config.max_memory,
+        "mergeable": mergeable,
+        "on_disk": config.on_disk,
+        "search_params": {k2: v for k2, v in params.items() if k2 in ("nprobe", "efSearch")},
+        "tuned_recall_at_k": params["tuned_recall_at_k"],
+        "tuned_k": params["tuned_k"],
+        "target_recall": config.target_recall,
+        "bytes": int(size),
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "train_seconds": round(train_seconds, 3),
+        "add_seconds": round(add_seconds, 3),
+        "merge_seconds": round(merge_seconds, 3),
+        "tune_seconds": round(tune_seconds, 3),
+        "retriever": {k2: rinfo.get(k2) for k2 in ("kind", "checkpoint", "pooling", "max_length", "template",
+                                                   "fingerprint", "memory_fingerprint") if k2 in rinfo},
+        "file": fx.MERGED,
+        "built_at": _now(),
+    }
+    _write_manifest_key(store, "index", record)
+    return record
+
+
+def faiss_key_range(key: str):
+    import tensorstore as ts
+
+    return ts.KvStore.KeyRange(key, key + "\0")
+
+
+def _merge(store: MemoryStore, trained: faiss.Index, shards: list[int], on_disk: bool) -> faiss.Index:
+    if not on_disk:
+        def parts():
+            for shard in shards:
+                yield fx.deserialize(fx.read_index_bytes(store, fx.part_key(shard)))
+        return fx.merge_parts(trained, parts())
+    from faiss.contrib.ondisk import merge_ondisk
+
+    index = faiss.clone_index(trained)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = []
+        for shard in shards:  # merge_ondisk reads parts from files
+            name = os.path.join(tmp, f"{shard}.faiss")
+            with open(name, "wb") as handle:
+                handle.write(fx.read_index_bytes(store, fx.part_key(shard)))
+            names.append(name)
+        merge_ondisk(index, names, os.path.join(store.path, fx.IVFDATA))
+    return index
