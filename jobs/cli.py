@@ -77,9 +77,21 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
               help="Padded tokens per batch (batches are formed by this budget over length-sorted passages).")
 @click.option("--zstd-level", default=1, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--repair", is_flag=True,
+              help="First verify every committed shard (as `premem verify` does) and redo the ones that fail.")
+@click.option("--force-unlock", is_flag=True,
+              help="Take the store's writer lease even if another job holds it (only when that job is dead).")
+@click.option("--retriever", default="minilm", show_default=True,
+              help="Retrieval embeddings computed in the same pass: a sentence-embedding checkpoint (directory, "
+                   "gs://, 'minilm'), 'memory-mean' (mean of the stored memory states) or 'none'.")
+@click.option("--retriever-pooling", type=click.Choice(["auto", "mean", "cls", "max"]), default="auto",
+              show_default=True, help="auto: the checkpoint's 1_Pooling/config.json, else mean.")
+@click.option("--retriever-max-length", type=int, default=None,
+              help="Retriever tokens per passage, longer ones truncated (default: the checkpoint's max_seq_length).")
 @click.pass_context
 def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, dtype, compute_dtype, device,
-           tokens_per_batch, zstd_level, progress):
+           tokens_per_batch, zstd_level, progress, repair, force_unlock, retriever, retriever_pooling,
+           retriever_max_length):
     """Encode the passage SHARDS into a memory STORE with the first K layers of an encoder."""
     from premem.jobs.run import run_encode
     from premem.pipeline.encode import EncoderConfig
@@ -89,11 +101,25 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
     config = EncoderConfig(checkpoint=encoder, memory_layers=memory_layers, live_fraction=live_fraction,
                            template=template, device=device, compute_dtype=compute_dtype,
                            tokens_per_batch=tokens_per_batch)
+    from premem.models.retriever import NONE, RetrieverConfig
+
+    retriever_config = None if retriever == NONE else RetrieverConfig(
+        name=retriever, pooling=retriever_pooling, max_length=retriever_max_length)
     with ProgressBar(progress) as report:
         summary = run_job(run_encode, shards, store, config, dtype=dtype, zstd_level=zstd_level,
-                       pipeline_args=ctx.args, progress=report)
+                       pipeline_args=ctx.args, progress=report, repair=repair, force_unlock=force_unlock,
+                          retriever=retriever_config)
     run = summary["run"]
-    click.echo(f"shards: {run['shards']} ({run['skipped']} already committed, skipped; {run['encoded']} encoded)")
+    if run.get("lease_taken_over"):
+        click.echo(f"took over the writer lease of a dead job ({run['lease_taken_over']})")
+    click.echo(f"shards: {run['shards']} ({run['skipped']} already committed, skipped; {run['encoded']} encoded: "
+               f"{run['redone']} redone after a partial write, {run['repaired']} repaired, {run['new']} new)")
+    if run.get("embedded_only"):
+        click.echo(f"retrieval embeddings: memory of {run['embedded_only']} shards was already complete, computed "
+                   f"only their embeddings ({retriever})")
+    if repair:
+        listed = f" ({run['repaired_shards']})" if run["repaired"] else ""
+        click.echo(f"repair: {run['repaired']} bad shards redone{listed}")
     _echo_summary(summary)
 
 
@@ -153,6 +179,18 @@ def demo(ctx, workdir, plays, memory_layers):
 
 # Commands of the other capabilities live in their own modules.
 # (each: `from premem.jobs.<module> import <command>; main.add_command(<command>)`)
+from premem.jobs.verify_cli import verify  # noqa: E402
+
+main.add_command(verify)
+from premem.jobs.retrieval_cli import index, retrieve, search  # noqa: E402
+
+main.add_command(index)
+main.add_command(search)
+main.add_command(retrieve)
+from premem.jobs.melodi_cli import compress, train_melodi  # noqa: E402
+
+main.add_command(train_melodi)
+main.add_command(compress)
 
 
 if __name__ == "__main__":

@@ -493,6 +493,19 @@ class MelodiLM(nn.Module):
         logits = self.final_drop(self.final_norm(h)) @ self.embed.weight.t() / math.sqrt(self.config.d_model)
         return (logits, new_state, incs) if return_increments else (logits, new_state)
 
+    def advance(
+        self, tokens: Tensor, state: MelodiState | None = None, *, full_state: bool = True
+    ) -> tuple[Tensor | None, MelodiState]:
+        """Read windows without the output head: (increments [B, n, L, d] or None, new state detached).
+
+        full_state=True runs every layer, so the returned state continues the document exactly as a longer
+        forward would; full_state=False is `forward_until_long_term` (only the layers the FIFO depends on).
+        """
+        if not full_state:
+            return self.forward_until_long_term(tokens, state)
+        _, new_state, incs = self._run(tokens, state, self.config.num_layers - 1)
+        return incs, new_state
+
     def forward_until_long_term(self, tokens: Tensor, state: MelodiState | None = None) -> tuple[Tensor, MelodiState]:
         """Run layers 0..long_term_layer only: (increments [B, n, L, d], new state detached).
 

@@ -434,6 +434,10 @@ class MemoryStore:
         if res.state != "value":
             raise StoreError(f"no premem store at {path} (manifest.json missing): run `premem encode` first")
         manifest = _parse_manifest(res.value, path)
+        if manifest.get("kind") == "melodi-longterm":  # `premem compress` stores: see storage/longterm.py
+            from premem.storage.longterm import LongTermStore
+
+            return LongTermStore.open(path, expected_fingerprint=expected_fingerprint, read_only=read_only)
         _check_format(manifest, path)
         if expected_fingerprint is not None and manifest["fingerprint"] != expected_fingerprint:
             raise FingerprintMismatch(
@@ -441,6 +445,12 @@ class MemoryStore:
                 f"{expected_fingerprint[:12]}: use the store encoded with this encoder or re-encode with `premem encode`"
             )
         return cls(path, manifest, read_only=read_only, cache_bytes=cache_bytes)
+
+    def long_term(self, doc_ids, window, **kwargs):
+        """MELODI long-term memory: only stores written by `premem compress` hold it (MemoryStore.open returns a
+        LongTermStore for those, whose long_term() reads the FIFO at a window; see storage/longterm.py)."""
+        raise StoreError(f"store {self.path} holds LUMEN passage memory, not MELODI long-term memory: "
+                         f"open a store written by `premem compress`")
 
     # --- properties ----------------------------------------------------------------------------
 

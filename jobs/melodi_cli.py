@@ -1,0 +1,112 @@
+"""`premem train-melodi` and `premem compress`: MELODI training and long-term memory pre-encoding."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from premem.jobs.clitools import BEAM_ARGS, fail, run_job, split_beam_args
+from premem.pipeline.read import FieldNames
+
+# A small shape that trains on a CPU in minutes (bytes: vocab 257).
+SMALL = dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, W=128, S=32, Su=32, L=16, Q_max=16,
+             long_term_layer=2, vocab_size=257, dropout=0.0)
+
+
+def model_config(name: str, overrides: tuple[str, ...]):
+    """--config: 'small' (above), a paper name ('base', 'S192+L32', ...; vocab set to bytes) or a JSON file;
+    then --set key=value overrides (JSON values)."""
+    from premem.models.melodi import MelodiConfig
+
+    kw = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: use key=value, e.g. --set L=8", param_hint="--set")
+        try:
+            kw[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kw[key] = value
+    try:
+        if name == "small":
+            return MelodiConfig(**{**SMALL, **kw})
+        if name.endswith(".json"):
+            base = MelodiConfig.from_json(name).to_dict()
+            return MelodiConfig(**{**base, **kw})
+        return MelodiConfig.named(name, **{"vocab_size": 257, **kw})
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        fail(ValueError(f"--config {name} {' '.join(overrides)}: {e}"))
+
+
+@click.command("train-melodi")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Checkpoint directory; an existing one is resumed.")
+@click.option("--config", "config_name", default="small", show_default=True,
+              help="'small', a paper setting ('base', 'S128+L64', 'no-long-term', ...) or a config JSON file.")
+@click.option("--set", "overrides", multiple=True, help="Override a config field, e.g. --set L=0 --set S=16.")
+@click.option("--steps", default=1000, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Documents read side by side.")
+@click.option("--segment-windows", default=4, show_default=True, help="Windows per segment (truncated BPTT).")
+@click.option("--optimizer", type=click.Choice(["adamw", "adafactor"]), default="adamw", show_default=True)
+@click.option("--lr", default=3e-3, show_default=True)
+@click.option("--warmup-steps", default=50, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on GPUs and CPUs with native bf16, else fp32.")
+@click.option("--heldout", default=2, show_default=True, help="The last N documents are held out.")
+@click.option("--eval-every", default=100, show_default=True)
+@click.option("--eval-tokens", default=16384, show_default=True, help="Held-out tokens scored per document.")
+@click.option("--checkpoint-every", default=100, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+def train_melodi(inputs, out, config_name, overrides, steps, batch_size, segment_windows, optimizer, lr,
+                 warmup_steps, precision, heldout, eval_every, eval_tokens, checkpoint_every, seed, text_field):
+    """Train MELODI on long documents (INPUTS: .jsonl/.parquet/.txt, as for `premem shard`), bytes as tokens."""
+    from premem.jobs.melodi_run import run_train_melodi
+    from premem.models.melodi_train import TrainConfig
+    from premem.pipeline.encode import cpu_has_native_bf16
+
+    config = model_config(config_name, overrides)
+    bf16 = precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
+    tc = TrainConfig(steps=steps, batch_size=batch_size, segment_windows=segment_windows, optimizer=optimizer,
+                     lr=lr, warmup_steps=warmup_steps, bf16=bf16, eval_every=eval_every,
+                     eval_tokens_per_doc=eval_tokens, checkpoint_every=checkpoint_every, seed=seed)
+    result = run_job(run_train_melodi, list(inputs), out, config, tc, heldout=heldout,
+                     fields=FieldNames(text=text_field), log=lambda m: click.echo(m, err=True))
+    h = result["heldout"]
+    click.echo(f"{result['steps']} steps on {result['documents'] - heldout} documents "
+               f"({result['train_tokens']} tokens, {result['rejected']} rejected); checkpoint {out} "
+               f"(fingerprint {result['fingerprint'][:16]})")
+    if h:
+        click.echo(f"held-out ({', '.join(result['heldout_ids'])}): loss {h['loss']:.4f} nats/byte, "
+                   f"perplexity {h['ppl']:.3f}")
+
+
+@click.command(context_settings=BEAM_ARGS)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--store", required=True, help="Long-term memory store directory (local or gs://) to create or resume.")
+@click.option("--checkpoint", required=True, help="MELODI checkpoint directory (from `premem train-melodi`).")
+@click.option("--docs-per-shard", default=16, show_default=True, help="Documents per shard (one Beam element).")
+@click.option("--docs-per-batch", default=8, show_default=True, help="Documents run side by side.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="float32",
+              show_default=True, help="Stored dtype of increments and end states.")
+@click.option("--end-state/--no-end-state", default=True, show_default=True,
+              help="Also store each document's full recurrent state after its last window (runs the upper "
+                   "layers too, not the output head).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.pass_context
+def compress(ctx, inputs, store, checkpoint, docs_per_shard, docs_per_batch, dtype, end_state, device, text_field):
+    """Pre-encode the long-term memory of every window of the documents in INPUTS into STORE."""
+    from premem.jobs.melodi_run import run_compress
+
+    inputs, beam_args = split_beam_args(list(inputs) + ctx.args)
+    s = run_job(run_compress, inputs, store, checkpoint, docs_per_shard=docs_per_shard,
+                docs_per_batch=docs_per_batch, dtype=dtype, end_state=end_state, device=device,
+                fields=FieldNames(text=text_field), pipeline_args=beam_args)
+    rejects = s["rejects"]
+    click.echo(f"{s['documents'] + len(rejects)} input records = {s['documents']} documents + {len(rejects)} rejected"
+               + (f" (see {s['rejects_path']})" if rejects else ""))
+    click.echo(f"{s['documents']} documents, {s['tokens']} tokens, {s['windows']} windows "
+               f"({s['padded_windows']} padded) in {s['committed_shards']}/{s['num_shards']} shards under {s['path']}")
+    click.echo(f"long-term memory: {s['bytes'] / 2**20:.2f} MiB ({s['bytes_per_token']:.1f} B/token), "
+               f"checkpoint fingerprint {s['fingerprint'][:16]}")

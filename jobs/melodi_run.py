@@ -1,0 +1,100 @@
+"""MELODI jobs: train a model on long documents, and pre-encode documents' long-term memory (compress)."""
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import apache_beam as beam
+import torch
+from apache_beam.io.filesystems import FileSystems
+
+from premem.jobs.run import JobError, _options
+from premem.pipeline.read import Document, FieldNames, ReadDocumentsFn, Reject, expand_inputs
+
+
+def load_documents(inputs: list[str], fields: FieldNames = FieldNames(),
+                   max_doc_chars: int = 64 << 20) -> tuple[list[Document], list[Reject]]:
+    """Read documents in the driver with the same validation as `premem shard` (for training: a few books).
+
+    Returns the documents in input order (first of each id kept) and the rejects with their reasons.
+    """
+    reader = ReadDocumentsFn(fields, max_doc_chars)
+    docs: list[Document] = []
+    rejects: list[Reject] = []
+    seen: dict[str, Document] = {}
+    for i, path in enumerate(expand_inputs(inputs)):
+        for out in reader.process((i, path)):
+            if isinstance(out, Document):
+                if out.doc_id in seen:
+                    first = seen[out.doc_id]
+                    rejects.append(Reject(out.source, out.position,
+                                          f"duplicate id {out.doc_id!r} (first seen at {first.source}:{first.position})"))
+                    continue
+                seen[out.doc_id] = out
+                docs.append(out)
+            else:
+                rejects.append(out.value)
+    return docs, rejects
+
+
+def run_train_melodi(inputs: list[str], out_dir: str, config, train_config, *, heldout: int = 2,
+                     fields: FieldNames = FieldNames(), log: Callable[[str], None] | None = None) -> dict:
+    """Documents -> trained MELODI checkpoint in `out_dir` (resumed if it holds one); the last `heldout`
+    documents in input order are held out and their perplexity is reported."""
+    from premem.models.melodi_ckpt import ByteTokenizer
+    from premem.models.melodi_train import train
+
+    docs, rejects = load_documents(inputs, fields)
+    if len(docs) <= heldout:
+        raise JobError(f"{len(docs)} usable documents ({len(rejects)} rejected) for --heldout {heldout}: "
+                       f"give more documents or lower --heldout")
+    if config.vocab_size < ByteTokenizer().vocab_size:
+        raise JobError(f"vocab_size {config.vocab_size} is below the byte tokenizer's 257: set vocab_size >= 257")
+    tok = ByteTokenizer()
+    tokens = [tok.encode_tensor(d.text) for d in docs]
+    split = len(docs) - heldout
+    data = {"inputs": expand_inputs(inputs), "documents": len(docs), "heldout_ids": [d.doc_id for d in docs[split:]],
+            "train_tokens": int(sum(len(t) for t in tokens[:split]))}
+    result = train(config, train_config, tokens[:split], tokens[split:], out_dir, data_info=data, log=log)
+    return {"steps": result.steps, "history": result.history, "heldout": result.final_heldout,
+            "fingerprint": result.fingerprint, "seconds": result.seconds, "rejected": len(rejects),
+            "documents": len(docs), "heldout_ids": data["heldout_ids"], "train_tokens": data["train_tokens"]}
+
+
+def run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_per_shard: int = 16,
+                 docs_per_batch: int = 8, dtype: str = "float32", end_state: bool = True, device: str = "cpu",
+                 fields: FieldNames = FieldNames(), max_doc_chars: int = 64 << 20,
+                 pipeline_args: list[str] | None = None) -> dict:
+    """Documents -> long-term memory store (one Beam element = one shard of documents); returns the summary.
+
+    Rerunning on the same store skips committed shards; the store refuses another checkpoint or other inputs.
+    """
+    from premem.models.melodi_ckpt import load_checkpoint
+    from premem.pipeline.compress import CompressConfig, CompressDocuments
+    from premem.storage.longterm import LongTermStore
+
+    if docs_per_shard < 1 or docs_per_batch < 1:
+        raise JobError("--docs-per-shard and --docs-per-batch must be >= 1")
+    files = expand_inputs(inputs)
+    loaded = load_checkpoint(checkpoint)
+    if not loaded.model.config.long_term_enabled:
+        raise JobError(f"checkpoint {checkpoint} has no long-term memory (use_long_term=False or L=0): nothing to compress")
+    cfg = CompressConfig(checkpoint=checkpoint, fingerprint=loaded.fingerprint, docs_per_shard=docs_per_shard,
+                         docs_per_batch=docs_per_batch, end_state=end_state, device=device)
+    store = LongTermStore.create(store_path, config=loaded.model.config.to_dict(), fingerprint=loaded.fingerprint,
+                                 dtype=dtype, docs_per_shard=docs_per_shard, end_state=end_state,
+                                 checkpoint={"path": checkpoint, "tokenizer": loaded.tokenizer.to_dict()},
+                                 inputs=files)
+    del loaded
+    rejects_path = FileSystems.join(store.path, "rejects.jsonl")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with beam.Pipeline(options=_options(pipeline_args)) as pipeline:
+        _ = pipeline | "Compress" >> CompressDocuments(files, store.path, cfg, rejects_path, fields, max_doc_chars)
+    with FileSystems.open(rejects_path) as handle:
+        rejects = [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
+    store = LongTermStore.open(store.path, read_only=False)
+    store.finalize(rejected=len(rejects))
+    summary = store.summary()
+    summary["rejects"] = rejects
+    summary["rejects_path"] = rejects_path
+    return summary

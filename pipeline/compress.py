@@ -1,0 +1,163 @@
+"""The compress step: documents -> per-window MELODI long-term increments (+ end states) in a LongTermStore.
+
+One Beam element is one shard of documents. Shards are planned deterministically (documents in input order,
+`docs_per_shard` per shard), so a rerun finds the same shards and skips the committed ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator
+
+import apache_beam as beam
+import torch
+from apache_beam.utils.shared import Shared
+
+from premem.models.melodi import MelodiLM, MelodiState
+from premem.pipeline.read import DropDuplicateIds, Document, FieldNames, ReadDocuments
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    checkpoint: str
+    fingerprint: str
+    docs_per_shard: int = 16
+    docs_per_batch: int = 8
+    end_state: bool = True
+    device: str = "cpu"
+
+
+@torch.inference_mode()
+def compress_documents(
+    model: MelodiLM, docs: list[torch.Tensor], *, docs_per_batch: int = 8, end_state: bool = True,
+    pad_id: int = 0,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """Yields (document index, increments [n_windows, L, d], z after the last window [num_layers, S, d] or None).
+
+    Documents run side by side, longest first, window by window from a zero state; a row leaves the batch after
+    its last window, so every document sees only its own windows. The last window of a document whose length is
+    not a multiple of W is padded with `pad_id`. end_state=False runs only the layers up to the long-term layer.
+    """
+    c = model.config
+    device = next(model.parameters()).device
+    order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
+    for start in range(0, len(order), docs_per_batch):
+        idx = order[start:start + docs_per_batch]
+        n_windows = [-(-len(docs[i]) // c.W) for i in idx]
+        if min(n_windows) < 1:
+            raise ValueError("empty document: every document needs at least one token")
+        tokens = torch.full((len(idx), n_windows[0] * c.W), pad_id, dtype=torch.long)
+        for b, i in enumerate(idx):
+            tokens[b, :len(docs[i])] = docs[i]
+        tokens = tokens.to(device)
+        state = model.initial_state(len(idx))
+        incs: list[list[torch.Tensor]] = [[] for _ in idx]
+        for w in range(n_windows[0]):
+            active = sum(n > w for n in n_windows)  # a prefix: rows are sorted by length
+            state = MelodiState(state.z[:, :active], state.fifo[:active], state.n_valid[:active])
+            inc, state = model.advance(tokens[:active, w * c.W:(w + 1) * c.W], state, full_state=end_state)
+            for b in range(active):
+                incs[b].append(inc[b, 0])
+                if n_windows[b] == w + 1:
+                    yield idx[b], torch.stack(incs[b]).cpu(), state.z[:, b].cpu() if end_state else None
+                    incs[b] = []
+
+
+def plan_shards(keys: list[tuple[int, int, str]], docs_per_shard: int) -> list[list[str]]:
+    """(file index, position, doc id) of every document -> doc ids per shard, in input order."""
+    ordered = [k[2] for k in sorted(keys)]
+    return [ordered[i:i + docs_per_shard] for i in range(0, len(ordered), docs_per_shard)]
+
+
+class _Loaded:
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+
+class WritePlanFn(beam.DoFn):
+    """Records the plan in the store (a resumed run must plan the same shards) and emits doc id -> shard."""
+
+    def __init__(self, store_path: str, docs_per_shard: int):
+        self.store_path = store_path
+        self.docs_per_shard = docs_per_shard
+
+    def process(self, keys: list):
+        from premem.storage.longterm import LongTermStore
+
+        shards = plan_shards([tuple(k) for k in keys], self.docs_per_shard)
+        LongTermStore.open(self.store_path, read_only=False).write_plan(shards)
+        yield {doc_id: s for s, ids in enumerate(shards) for doc_id in ids}
+
+
+class CompressShardFn(beam.DoFn):
+    """(shard, documents) -> the shard's increments and end states, committed; committed shards are skipped."""
+
+    def __init__(self, store_path: str, config: CompressConfig):
+        self.store_path = store_path
+        self.config = config
+        self._shared = Shared()
+        self.documents = beam.metrics.Metrics.counter("premem", "documents_compressed")
+        self.windows = beam.metrics.Metrics.counter("premem", "windows_compressed")
+        self.tokens = beam.metrics.Metrics.counter("premem", "tokens_compressed")
+        self.padded = beam.metrics.Metrics.counter("premem", "windows_padded")
+        self.skipped = beam.metrics.Metrics.counter("premem", "shards_skipped")
+
+    def setup(self):
+        from premem.models.melodi_ckpt import load_checkpoint
+        from premem.storage.longterm import LongTermStore
+
+        cfg = self.config
+        self.loaded = self._shared.acquire(lambda: _Loaded(load_checkpoint(cfg.checkpoint, cfg.device)),
+                                           tag=cfg.fingerprint + cfg.device).loaded
+        if self.loaded.fingerprint != cfg.fingerprint:
+            raise RuntimeError(f"worker loaded checkpoint {self.loaded.fingerprint[:12]} but the store expects "
+                               f"{cfg.fingerprint[:12]}: the checkpoint at {cfg.checkpoint} changed during the job")
+        self.store = LongTermStore.open(self.store_path, expected_fingerprint=cfg.fingerprint, read_only=False)
+
+    def process(self, element: tuple[int, list[Document]]):
+        shard, docs = element
+        if self.store.is_committed(shard):
+            self.skipped.inc()
+            return
+        started = time.perf_counter()
+        docs = sorted(docs, key=lambda d: (d.file_index, d.position))
+        tok = self.loaded.tokenizer
+        tokens = [tok.encode_tensor(d.text) for d in docs]
+        meta = [{"doc_id": d.doc_id, "title": d.title, "source": d.source, "position": d.position,
+                 "n_tokens": len(t)} for d, t in zip(docs, tokens)]
+        with self.store.shard_writer(shard, meta) as writer:
+            for i, incs, end_z in compress_documents(self.loaded.model, tokens, docs_per_batch=self.config.docs_per_batch,
+                                                     end_state=self.config.end_state, pad_id=tok.pad_id):
+                writer.write(i, incs, end_z)
+        marker = writer.marker
+        self.documents.inc(marker["documents"])
+        self.windows.inc(marker["windows"])
+        self.tokens.inc(marker["tokens"])
+        self.padded.inc(marker["padded_windows"])
+        yield {**marker, "seconds": time.perf_counter() - started}
+
+
+class CompressDocuments(beam.PTransform):
+    """Input files -> committed long-term memory shards; rejected records (with reasons) go to `rejects_path`."""
+
+    def __init__(self, files: list[str], store_path: str, config: CompressConfig, rejects_path: str,
+                 fields: FieldNames = FieldNames(), max_doc_chars: int = 64 << 20):
+        super().__init__()
+        self.files, self.store_path, self.config = files, store_path, config
+        self.rejects_path, self.fields, self.max_doc_chars = rejects_path, fields, max_doc_chars
+
+    def expand(self, pbegin):
+        docs, rejects = pbegin | "Read" >> ReadDocuments(self.files, self.fields, self.max_doc_chars)
+        docs, duplicates = docs | "Dedup" >> DropDuplicateIds()
+        _ = ((rejects, duplicates) | "AllRejects" >> beam.Flatten()
+             | "RejectJson" >> beam.Map(lambda r: r.to_json())
+             | "WriteRejects" >> beam.io.WriteToText(self.rejects_path, shard_name_template="", num_shards=1))
+        plan = (docs
+                | "Keys" >> beam.Map(lambda d: (d.file_index, d.position, d.doc_id))
+                | "AllKeys" >> beam.combiners.ToList()
+                | "Plan" >> beam.ParDo(WritePlanFn(self.store_path, self.config.docs_per_shard)))
+        return (docs
+                | "AssignShard" >> beam.Map(lambda d, p: (p[d.doc_id], d), p=beam.pvalue.AsSingleton(plan))
+                | "GroupShards" >> beam.GroupByKey()
+                | "SpreadShards" >> beam.Reshuffle()
+                | "CompressShards" >> beam.ParDo(CompressShardFn(self.store_path, self.config)))
