@@ -52,12 +52,31 @@ def run_shard(inputs: list[str], out_dir: str, config: ShardConfig, pipeline_arg
 
 def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype: str = "bfloat16",
                zstd_level: int = 1, pipeline_args: list[str] | None = None,
-               progress: Callable[[int, int], None] | None = None) -> dict:
+               progress: Callable[[int, int], None] | None = None, repair: bool = False,
+               force_unlock: bool = False, lease_ttl: float | None = None, retriever=None) -> dict:
     """Passage shards -> committed memory store; returns the store summary.
 
     Shards already committed in the store (same encoder fingerprint) are
-    skipped, so rerunning after a crash finishes the job.
+    skipped and partly written ones are cleared and redone, so rerunning after
+    a crash finishes the job. The job holds the store's writer lease while it
+    runs (a second writer is refused); `repair` first verifies every chunk and
+    redoes the shards that fail.
     """
+    from premem.storage.lease import DEFAULT_TTL, StoreLease
+
+    lease = StoreLease(store_path, job="premem encode", ttl=lease_ttl or DEFAULT_TTL, force=force_unlock)
+    with lease:
+        summary = _run_encode(shards_dir, store_path, config, dtype=dtype, zstd_level=zstd_level,
+                              pipeline_args=pipeline_args, progress=progress, repair=repair, lease=lease,
+                              retriever=retriever)
+    if lease.taken_over is not None:
+        summary["run"]["lease_taken_over"] = lease.taken_over.describe()
+    return summary
+
+
+def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype: str, zstd_level: int,
+                pipeline_args: list[str] | None, progress: Callable[[int, int], None] | None, repair: bool,
+                lease, retriever=None) -> dict:
     from premem.models import tokenizer_fingerprint
     from premem.storage import MemoryStore
 
@@ -79,11 +98,25 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
     store = MemoryStore.create(
         store_path, rows=index["rows"], max_tokens=index["max_tokens"], d_model=info["d_model"], dtype=dtype,
         shard_size=index["shard_size"], fingerprint=fingerprint, encoder=info, zstd_level=zstd_level,
-        extra={"shards_dir": shards_dir, "records": index["records"], "passage_words": index["passage_words"]},
+        extra={"shards_dir": shards_dir, "records": index["records"], "passage_words": index["passage_words"],
+               "compute_dtype": config.compute_dtype},
     )
+    repaired = _discard_bad_shards(store) if repair else []
     committed = store.committed_shards()
     todo = [entry for entry in index["shards"] if entry["shard"] not in committed]
-    stats = {"shards": index["num_shards"], "skipped": index["num_shards"] - len(todo), "encoded": len(todo)}
+    redone = sorted(store.partial_shards() - set(repaired))
+    for shard in redone:  # left behind by a crash or a failed write: cleared, then written from scratch
+        store.discard_shard(shard)
+    stats = {"shards": index["num_shards"], "skipped": index["num_shards"] - len(todo), "encoded": len(todo),
+             "redone": len(redone), "repaired": len(repaired), "repaired_shards": repaired,
+             "new": len(todo) - len(redone) - len(repaired)}
+    retriever_fingerprint, embed_only = None, set()
+    if retriever is not None:  # a RetrieverConfig: retrieval embeddings in the same pass, or alone where memory is done
+        from premem.pipeline.embed import prepare_store_embeddings
+
+        retriever_fingerprint, embed_only = prepare_store_embeddings(store, retriever, committed)
+        todo += [entry for entry in index["shards"] if entry["shard"] in embed_only]
+    stats["embedded_only"] = len(embed_only)
     if todo:
         watcher = _watch_commits(store, index["num_shards"], progress) if progress else contextlib.nullcontext()
         failures_path = FileSystems.join(store_path, FAILURES_FILE)
@@ -91,7 +124,9 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
             _ = (
                 pipeline
                 | "Shards" >> beam.Create(todo)
-                | "EncodeShards" >> EncodeShards(shards_dir, store_path, config, fingerprint, failures_path)
+                | "EncodeShards" >> EncodeShards(shards_dir, store_path, config, fingerprint, failures_path,
+                                                 lease_token=lease.token, retriever=retriever,
+                                                 retriever_fingerprint=retriever_fingerprint)
             )
         with FileSystems.open(failures_path) as handle:
             failures = [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
@@ -103,6 +138,17 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
     summary = store.summary()
     summary["run"] = stats
     return summary
+
+
+def _discard_bad_shards(store) -> list[int]:
+    """`--repair`: verify every committed shard (structure and checksums) and forget the bad ones."""
+    from premem.storage.verify import verify_store
+
+    report = verify_store(store.path)
+    bad = sorted(s for s in report.bad_shards if s not in report.uncommitted_shards)
+    for shard in bad:
+        store.discard_shard(shard)
+    return bad
 
 
 @contextlib.contextmanager

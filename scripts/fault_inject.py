@@ -1,0 +1,172 @@
+"""Kill a real `premem encode` with SIGKILL at random moments, resume it, and compare with a clean run.
+
+    PREMEM_CACHE=/tmp/pcache python scripts/fault_inject.py --workdir /tmp/fault --kills 5
+
+Steps: Shakespeare's plays -> `premem shard` -> a clean `premem encode` (timed) -> the same encode into a
+second store, started and SIGKILLed (the whole process group, Beam workers included) at a random moment
+of its remaining run, `--kills` times -> one last run to completion -> the two stores' `memory/` and
+`lengths/` arrays compared byte for byte, their passage metadata and commit markers compared, and
+`premem verify` run on the resumed store.  Exit status 0 only when everything is identical.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import tensorstore as ts
+
+
+def premem(*args: str) -> list[str]:
+    return [sys.executable, "-m", "premem.jobs.cli", *map(str, args)]
+
+
+def encode_cmd(shards: Path, store: Path, extra: list[str]) -> list[str]:
+    return premem("encode", shards, "--store", store, "--encoder", "minilm", "-k", 4, "--no-progress", *extra)
+
+
+def run_to_end(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0, proc.stdout
+
+
+def committed(store: Path) -> int:
+    return len(list((store / "commits").glob("shard-*.json"))) if (store / "commits").is_dir() else 0
+
+
+def kill_at(cmd: list[str], delay: float) -> tuple[bool, str]:
+    """Start ``cmd`` in its own process group and SIGKILL the group after ``delay`` s; (killed, stdout)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=delay)
+        return False, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return True, ""
+
+
+def kill_and_resume(shards: Path, store: Path, num_shards: int, clean_seconds: float, kills: int, rng: random.Random,
+                    extra: list[str], log=print) -> dict:
+    """SIGKILL `premem encode` ``kills`` times at random moments of its remaining run, then let it finish."""
+    cmd = encode_cmd(shards, store, extra)
+    done_kills, attempts, events = 0, 0, []
+    while done_kills < kills and attempts < 4 * kills:
+        attempts += 1
+        left = 1 - committed(store) / num_shards
+        delay = rng.uniform(0.05, 1.0) * clean_seconds * (0.3 + 0.7 * left)
+        before = committed(store)
+        killed, out = kill_at(cmd, delay)
+        after = committed(store)
+        partial = _partial_shards(store)
+        events.append({"delay_s": round(delay, 2), "killed": killed, "committed_before": before,
+                       "committed_after": after, "partial_left": partial})
+        log(f"  run {attempts}: {'SIGKILL' if killed else 'finished'} after {delay:.1f} s, committed shards "
+            f"{before} -> {after}/{num_shards}, partial shards left {partial}")
+        if killed:
+            done_kills += 1
+        else:
+            break  # finished before the kill: nothing more to interrupt
+    seconds, out = run_to_end(cmd)
+    line = next((x for x in out.splitlines() if x.startswith("shards:")), "")
+    log(f"  final run ({seconds:.1f} s): {line}")
+    return {"kills": done_kills, "events": events, "final_run": line, "final_seconds": seconds}
+
+
+def _partial_shards(store: Path) -> list[int]:
+    done = {int(m.group(1)) for p in (store / "commits").glob("*.json") if (m := re.match(r"shard-(\d+)", p.name))} \
+        if (store / "commits").is_dir() else set()
+    found = set()
+    for p in (store / "memory" / "c").glob("*") if (store / "memory" / "c").is_dir() else []:
+        found.add(int(p.name))
+    for p in (store / "meta").glob("shard-*.parquet") if (store / "meta").is_dir() else []:
+        found.add(int(p.name[6:11]))
+    return sorted(found - done)
+
+
+def read_array(store: Path, name: str) -> np.ndarray:
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / name) + "/"}}
+    return ts.open(spec, open=True).result().read().result()
+
+
+def compare_stores(a: Path, b: Path) -> list[str]:
+    """Differences between two stores' arrays (byte for byte), metadata tables and commit markers."""
+    diffs = []
+    for name in ("memory", "lengths"):
+        x, y = read_array(a, name), read_array(b, name)
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            bad = int((x.view(np.uint8) != y.view(np.uint8)).reshape(x.shape[0], -1).any(axis=1).sum()) \
+                if x.shape == y.shape else -1
+            diffs.append(f"{name}/ differs ({bad} rows)")
+    metas = sorted(p.name for p in (a / "meta").glob("*.parquet"))
+    if metas != sorted(p.name for p in (b / "meta").glob("*.parquet")):
+        diffs.append("meta/ files differ")
+    for m in metas:
+        if not pq.read_table(a / "meta" / m).equals(pq.read_table(b / "meta" / m)):
+            diffs.append(f"meta/{m} differs")
+    keep = ("shard", "start", "stop", "passages", "tokens", "bytes", "fingerprint")
+    for p in sorted((a / "commits").glob("*.json")):
+        q = b / "commits" / p.name
+        if not q.exists():
+            diffs.append(f"commits/{p.name} missing")
+            continue
+        ma, mb = json.loads(p.read_text()), json.loads(q.read_text())
+        if {k: ma.get(k) for k in keep} != {k: mb.get(k) for k in keep}:
+            diffs.append(f"commits/{p.name} differs")
+    if committed(a) != committed(b):
+        diffs.append(f"{committed(a)} vs {committed(b)} committed shards")
+    return diffs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default="out/fault", type=Path)
+    ap.add_argument("--plays", type=int, default=None, help="first N plays (default: all)")
+    ap.add_argument("--kills", type=int, default=5)
+    ap.add_argument("--shard-size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("beam_args", nargs="*", help="passed to premem encode, e.g. --direct_num_workers=2")
+    args = ap.parse_args()
+    from premem.jobs.sample import write_plays_jsonl
+
+    work = args.workdir
+    for sub in ("clean", "faulty"):
+        if (work / sub).exists():
+            raise SystemExit(f"{work / sub} exists: use a fresh --workdir")
+    t_all = time.perf_counter()
+    corpus = write_plays_jsonl(work / "plays.jsonl", limit=args.plays)
+    shards = work / "shards"
+    if not (shards / "index.json").exists():
+        run_to_end(premem("shard", corpus, "--out", shards, "--tokenizer", "minilm", "--shard-size", args.shard_size))
+    index = json.loads((shards / "index.json").read_text())
+    n = index["num_shards"]
+    print(f"corpus: {len(index['inputs'])} file(s), {index['rows']} passages in {n} shards of {args.shard_size}")
+    clean_s, out = run_to_end(encode_cmd(shards, work / "clean", args.beam_args))
+    print(f"clean encode: {clean_s:.1f} s")
+    t0 = time.perf_counter()
+    result = kill_and_resume(shards, work / "faulty", n, clean_s, args.kills, random.Random(args.seed), args.beam_args)
+    faulty_s = time.perf_counter() - t0
+    diffs = compare_stores(work / "clean", work / "faulty")
+    verify = subprocess.run(premem("verify", work / "faulty"), capture_output=True, text=True)
+    print(f"killed {result['kills']} times; killed + resumed runs took {faulty_s:.1f} s in all "
+          f"(clean run {clean_s:.1f} s); whole script {time.perf_counter() - t_all:.1f} s")
+    print("verify: " + (verify.stdout.strip().splitlines() or ["?"])[-1])
+    print("arrays identical to the clean run (memory/, lengths/ byte for byte; meta/ and commits/ equal)" if not diffs
+          else "DIFFERENT: " + "; ".join(diffs))
+    return 0 if not diffs and verify.returncode == 0 and result["kills"] >= args.kills else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
