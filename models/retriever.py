@@ -14,6 +14,7 @@ Each has a fingerprint; an index only answers queries encoded by the retriever w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -49,8 +50,17 @@ class RetrieverConfig:
     def load_text_embedder(self, device: str = "cpu") -> TextEmbedder:
         if self.is_memory_mean:
             raise CheckpointError("memory-mean has no text model of its own: load it with MemoryMeanEmbedder")
-        return TextEmbedder.from_pretrained(self.name, pooling=self.pooling, max_length=self.max_length,
-                                            template=self.template, device=device)
+        local = resolve_checkpoint(self.name)
+        stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(local.iterdir()) if f.is_file())
+        return _cached_embedder(self.name, self.pooling, self.max_length, self.template, device, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_embedder(name: str, pooling: str, max_length: int | None, template: str, device: str,
+                     _stamp: tuple) -> TextEmbedder:
+    """One loaded retriever per process and checkpoint state (the driver and in-process workers share it)."""
+    return TextEmbedder.from_pretrained(name, pooling=pooling, max_length=max_length, template=template,
+                                        device=device)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

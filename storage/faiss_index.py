@@ -223,7 +223,7 @@ def add_rows(index: faiss.Index, rows: np.ndarray, vectors: np.ndarray) -> None:
 
 def merge_parts(trained: faiss.Index, parts) -> faiss.Index:
     """One index from the trained empty one and the shard parts (an iterable, loaded one at a time)."""
-    merged = faiss.clone_index(trained)
+    merged = deserialize(serialize(trained))  # the parts' route: a deserialized index has the parts' exact types
     for part in parts:
         if _is_ivf(merged):
             merged.merge_from(part, 0)
@@ -350,7 +350,7 @@ def load_index(store: MemoryStore) -> faiss.Index:
 
         path = os.path.join(store.path, MERGED)
         try:
-            index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            index = faiss.read_index(path)  # its OnDiskInvertedLists memory-map ivfdata
         except RuntimeError as e:
             raise RetrievalError(f"cannot read on-disk index {path} ({_faiss_message(e)}): rebuild it with "
                                  f"`premem index {store.path}`") from e
