@@ -191,6 +191,10 @@ from premem.jobs.melodi_cli import compress, train_melodi  # noqa: E402
 
 main.add_command(train_melodi)
 main.add_command(compress)
+from premem.jobs.lumen_cli import lumen_demo_command, train_lumen_command  # noqa: E402
+
+main.add_command(train_lumen_command)
+main.add_command(lumen_demo_command)
 
 
 if __name__ == "__main__":
