@@ -64,7 +64,8 @@ def normalize_answer(text: str) -> str:
 def train_lumen(config: TrainConfig, progress: Callable[[dict], None] | None = None) -> dict:
     """Fine-tunes, evaluates exact match on the eval set, writes `out/metrics.json` (and the model); returns metrics."""
     torch.manual_seed(config.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if config.device == "auto" else config.device)
     if config.steps < 1 or config.batch_size < 1:
         raise TrainError(f"--steps ({config.steps}) and --batch-size ({config.batch_size}) must be at least 1")
     store = MemoryStore.open(config.store)
