@@ -489,7 +489,9 @@ class LongTermShardWriter:
             "kvstore": kvstore_spec(st.path, _shard_prefix(self.shard) + name + "/"),
             "metadata": {
                 "shape": list(data.shape), "data_type": st.dtype, "fill_value": 0,
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(data.shape)}},
+                # one outer chunk (one file) holding the whole array, a whole number of inner chunks
+                "chunk_grid": {"name": "regular", "configuration": {
+                    "chunk_shape": [-(-data.shape[0] // inner[0]) * inner[0], *data.shape[1:]]}},
                 "codecs": _codecs(inner), "dimension_names": dims,
             },
         }
