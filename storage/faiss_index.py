@@ -35,6 +35,7 @@ MIN_POINTS_PER_CENTROID = 39
 MAX_POINTS_PER_CENTROID = 256
 TARGET_RECALL = 0.95
 TUNE_QUERIES = 256
+_LOADED: dict[tuple, faiss.Index] = {}  # the last index loaded in this process
 
 
 class RetrievalError(StoreError):
@@ -345,6 +346,10 @@ def load_index(store: MemoryStore) -> faiss.Index:
     if cached is not None:
         return cached
     info = index_info(store)
+    key = (store.path, info.get("built_at"), info.get("bytes"))
+    if key in _LOADED:  # one copy per process: the driver and in-process workers share it
+        store._faiss_index = _LOADED[key]
+        return store._faiss_index
     if info.get("on_disk"):
         import os
 
@@ -365,6 +370,8 @@ def load_index(store: MemoryStore) -> faiss.Index:
             raise RetrievalError(f"{store.path}/{MERGED} is not a readable faiss index ({_faiss_message(e)}): "
                                  f"rebuild it with `premem index {store.path}`") from e
     set_search_params(index, info.get("search_params", {}))
+    _LOADED.clear()
+    _LOADED[key] = index
     store._faiss_index = index
     return index
 

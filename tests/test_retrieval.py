@@ -285,7 +285,8 @@ def test_cli_index_search_retrieve(store_path, tmp_path):
         "field 'question' is empty", "duplicate question id"])
     store = MemoryStore.open(str(path))
     neighbors = read_neighbors(out, expected_fingerprint=store.fingerprint)
-    assert neighbors.rows.shape == (3, 5) and neighbors.retriever_fingerprint == store.manifest["retriever"]["fingerprint"]
+    assert neighbors.rows.shape == (3, 5)
+    assert neighbors.retriever_fingerprint == store.manifest["retriever"]["fingerprint"]
     by_id = dict(zip(neighbors.question_ids, range(3), strict=True))
     assert set(by_id) == {"q1", "2", fx_hash("a tempest at sea")}
     expected = store.search([q["question"] for q in good], 5)
