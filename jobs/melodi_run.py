@@ -87,7 +87,6 @@ def run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_pe
                                  inputs=files)
     del loaded
     rejects_path = FileSystems.join(store.path, "rejects.jsonl")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with beam.Pipeline(options=_options(pipeline_args)) as pipeline:
         _ = pipeline | "Compress" >> CompressDocuments(files, store.path, cfg, rejects_path, fields, max_doc_chars)
     with FileSystems.open(rejects_path) as handle:

@@ -19,6 +19,15 @@ from premem.pipeline.compress import compress_documents, plan_shards
 from premem.storage import FingerprintMismatch, MemoryStore, StoreError
 from premem.storage.longterm import LongTermStore
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 ATOL = 1e-5
 W = 8
 # document id -> length in bytes: several windows exactly, padded last window, shorter than a window,

@@ -21,6 +21,15 @@ SENTENCES = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**kw) -> MelodiConfig:
     base = dict(num_layers=2, d_model=32, num_heads=4, d_ff=64, W=16, S=4, Su=4, L=2, Q_max=4,
                 long_term_layer=1, vocab_size=257, dropout=0.0)
