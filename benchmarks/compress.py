@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from premem.jobs.melodi_run import run_compress
 from premem.jobs.sample import write_plays_jsonl
 from premem.models.melodi import MelodiConfig, MelodiLM
@@ -89,7 +88,8 @@ def main() -> None:
                          docs_per_batch=batch, end_state=end_state)
 
         rows = [
-            ("full model forward (all layers + head, logits)", best_of(args.repeats, lambda: full_forward(model, docs, batch, 8))),
+            ("full model forward (all layers + head, logits)",
+             best_of(args.repeats, lambda: full_forward(model, docs, batch, 8))),
             ("compress core, increments only (layers 0..LT)", best_of(args.repeats, lambda: list(
                 compress_documents(model, docs, docs_per_batch=batch, end_state=False)))),
             ("compress core, + end state (all layers, no head)", best_of(args.repeats, lambda: list(

@@ -2,23 +2,21 @@
 from __future__ import annotations
 
 import json
-from typing import Callable
+from collections.abc import Callable
 
 import apache_beam as beam
-import torch
 from apache_beam.io.filesystems import FileSystems
-
 from premem.jobs.run import JobError, _options
 from premem.pipeline.read import Document, FieldNames, ReadDocumentsFn, Reject, expand_inputs
 
 
-def load_documents(inputs: list[str], fields: FieldNames = FieldNames(),
+def load_documents(inputs: list[str], fields: FieldNames | None = None,
                    max_doc_chars: int = 64 << 20) -> tuple[list[Document], list[Reject]]:
     """Read documents in the driver with the same validation as `premem shard` (for training: a few books).
 
     Returns the documents in input order (first of each id kept) and the rejects with their reasons.
     """
-    reader = ReadDocumentsFn(fields, max_doc_chars)
+    reader = ReadDocumentsFn(fields or FieldNames(), max_doc_chars)
     docs: list[Document] = []
     rejects: list[Reject] = []
     seen: dict[str, Document] = {}
@@ -27,8 +25,8 @@ def load_documents(inputs: list[str], fields: FieldNames = FieldNames(),
             if isinstance(out, Document):
                 if out.doc_id in seen:
                     first = seen[out.doc_id]
-                    rejects.append(Reject(out.source, out.position,
-                                          f"duplicate id {out.doc_id!r} (first seen at {first.source}:{first.position})"))
+                    rejects.append(Reject(out.source, out.position, f"duplicate id {out.doc_id!r} "
+                                          f"(first seen at {first.source}:{first.position})"))
                     continue
                 seen[out.doc_id] = out
                 docs.append(out)
@@ -38,7 +36,7 @@ def load_documents(inputs: list[str], fields: FieldNames = FieldNames(),
 
 
 def run_train_melodi(inputs: list[str], out_dir: str, config, train_config, *, heldout: int = 2,
-                     fields: FieldNames = FieldNames(), log: Callable[[str], None] | None = None) -> dict:
+                     fields: FieldNames | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Documents -> trained MELODI checkpoint in `out_dir` (resumed if it holds one); the last `heldout`
     documents in input order are held out and their perplexity is reported."""
     from premem.models.melodi_ckpt import ByteTokenizer
@@ -63,7 +61,7 @@ def run_train_melodi(inputs: list[str], out_dir: str, config, train_config, *, h
 
 def run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_per_shard: int = 16,
                  docs_per_batch: int = 8, dtype: str = "float32", end_state: bool = True, device: str = "cpu",
-                 fields: FieldNames = FieldNames(), max_doc_chars: int = 64 << 20,
+                 fields: FieldNames | None = None, max_doc_chars: int = 64 << 20,
                  pipeline_args: list[str] | None = None) -> dict:
     """Documents -> long-term memory store (one Beam element = one shard of documents); returns the summary.
 
@@ -78,7 +76,8 @@ def run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_pe
     files = expand_inputs(inputs)
     loaded = load_checkpoint(checkpoint)
     if not loaded.model.config.long_term_enabled:
-        raise JobError(f"checkpoint {checkpoint} has no long-term memory (use_long_term=False or L=0): nothing to compress")
+        raise JobError(f"checkpoint {checkpoint} has no long-term memory (use_long_term=False or L=0): "
+                       f"nothing to compress")
     cfg = CompressConfig(checkpoint=checkpoint, fingerprint=loaded.fingerprint, docs_per_shard=docs_per_shard,
                          docs_per_batch=docs_per_batch, end_state=end_state, device=device)
     store = LongTermStore.create(store_path, config=loaded.model.config.to_dict(), fingerprint=loaded.fingerprint,

@@ -103,7 +103,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         ) from e
     weights = local / WEIGHTS_FILE
     if not weights.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS_FILE}: pass a directory written by `premem train-melodi`")
+        raise CheckpointError(
+            f"checkpoint {path} has no {WEIGHTS_FILE}: pass a directory written by `premem train-melodi`")
     from safetensors.torch import load_file
 
     try:
@@ -136,5 +137,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model.eval().to(device)
     tok = ByteTokenizer()
     if tok.vocab_size > config.vocab_size:
-        raise CheckpointError(f"checkpoint {path}: vocab_size {config.vocab_size} is smaller than the byte tokenizer's 257")
+        raise CheckpointError(
+            f"checkpoint {path}: vocab_size {config.vocab_size} is smaller than the byte tokenizer's 257")
     return LoadedCheckpoint(model, tok, model_fingerprint(model), local)

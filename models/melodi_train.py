@@ -17,9 +17,9 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -223,7 +223,8 @@ def train(
         if old != config:
             diff = [f"{k}={getattr(old, k)!r} (asked {getattr(config, k)!r})"
                     for k in old.to_dict() if getattr(old, k) != getattr(config, k)]
-            raise CheckpointError(f"{out} holds a model with {', '.join(diff)}: use another --out, or the same config to resume")
+            raise CheckpointError(
+                f"{out} holds a model with {', '.join(diff)}: use another --out, or the same config to resume")
         if data_info is not None and meta.get("data") not in (None, data_info):
             raise CheckpointError(f"{out} was trained on other data ({meta.get('data')}): use another --out")
         model = load_checkpoint(out).model.train()

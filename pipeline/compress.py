@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import apache_beam as beam
 import torch
 from apache_beam.utils.shared import Shared
-
 from premem.models.melodi import MelodiLM, MelodiState
-from premem.pipeline.read import DropDuplicateIds, Document, FieldNames, ReadDocuments
+from premem.pipeline.read import Document, DropDuplicateIds, FieldNames, ReadDocuments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +123,11 @@ class CompressShardFn(beam.DoFn):
         tok = self.loaded.tokenizer
         tokens = [tok.encode_tensor(d.text) for d in docs]
         meta = [{"doc_id": d.doc_id, "title": d.title, "source": d.source, "position": d.position,
-                 "n_tokens": len(t)} for d, t in zip(docs, tokens)]
+                 "n_tokens": len(t)} for d, t in zip(docs, tokens, strict=True)]
         with self.store.shard_writer(shard, meta) as writer:
-            for i, incs, end_z in compress_documents(self.loaded.model, tokens, docs_per_batch=self.config.docs_per_batch,
-                                                     end_state=self.config.end_state, pad_id=tok.pad_id):
+            for i, incs, end_z in compress_documents(
+                    self.loaded.model, tokens, docs_per_batch=self.config.docs_per_batch,
+                    end_state=self.config.end_state, pad_id=tok.pad_id):
                 writer.write(i, incs, end_z)
         marker = writer.marker
         self.documents.inc(marker["documents"])
@@ -141,10 +141,10 @@ class CompressDocuments(beam.PTransform):
     """Input files -> committed long-term memory shards; rejected records (with reasons) go to `rejects_path`."""
 
     def __init__(self, files: list[str], store_path: str, config: CompressConfig, rejects_path: str,
-                 fields: FieldNames = FieldNames(), max_doc_chars: int = 64 << 20):
+                 fields: FieldNames | None = None, max_doc_chars: int = 64 << 20):
         super().__init__()
         self.files, self.store_path, self.config = files, store_path, config
-        self.rejects_path, self.fields, self.max_doc_chars = rejects_path, fields, max_doc_chars
+        self.rejects_path, self.fields, self.max_doc_chars = rejects_path, fields or FieldNames(), max_doc_chars
 
     def expand(self, pbegin):
         docs, rejects = pbegin | "Read" >> ReadDocuments(self.files, self.fields, self.max_doc_chars)

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorstore as ts
 import torch
-
 from premem.storage.store import (
     _DTYPES,
     _MARKER_RE,
@@ -186,7 +186,7 @@ class LongTermStore:
     @classmethod
     def create(cls, path: str | os.PathLike, *, config: dict, fingerprint: str, dtype: str = "float32",
                docs_per_shard: int, end_state: bool = True, checkpoint: dict | None = None,
-               inputs: list[str] | None = None) -> "LongTermStore":
+               inputs: list[str] | None = None) -> LongTermStore:
         """Create a store, or reopen it for resuming when it was started with the same checkpoint and settings."""
         path = normalize_path(path)
         _check_not_a_file(path)
@@ -228,7 +228,7 @@ class LongTermStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, expected_fingerprint: str | None = None,
-             read_only: bool = True) -> "LongTermStore":
+             read_only: bool = True) -> LongTermStore:
         """Open a store; with `expected_fingerprint` (see melodi_ckpt.model_fingerprint) refuse another model's."""
         path = normalize_path(path)
         _check_not_a_file(path)
@@ -267,7 +267,8 @@ class LongTermStore:
 
     def committed_shards(self) -> set[int]:
         try:
-            keys = self._kv.list(ts.KvStore.KeyRange("commits/", "commits0"), strip_prefix_length=len("commits/")).result()
+            keys = self._kv.list(ts.KvStore.KeyRange("commits/", "commits0"),
+                                 strip_prefix_length=len("commits/")).result()
         except Exception as e:
             raise StoreError(f"store {self.path}: cannot list commits/ ({_one_line(e)})") from e
         return {int(m.group(1)) for k in keys if (m := _MARKER_RE.match(k.decode(errors="replace")))}
@@ -285,7 +286,7 @@ class LongTermStore:
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def shard_writer(self, shard: int, documents: list[dict]) -> "LongTermShardWriter":
+    def shard_writer(self, shard: int, documents: list[dict]) -> LongTermShardWriter:
         """Writer of one shard; `documents` (in shard order): dicts with doc_id, title, source, position, n_tokens."""
         if self.read_only:
             raise StoreError(f"store {self.path} was opened read-only: open it with read_only=False to write")
@@ -333,7 +334,8 @@ class LongTermStore:
                 self._arrays[key] = ts.open(spec, open=True, read=True).result()
             except Exception as e:
                 raise StoreError(f"store {self.path}: cannot open {_shard_prefix(shard)}{name} ({_one_line(e)}): "
-                                 f"delete {_marker_key(shard)} and resume `premem compress` to rewrite shard {shard}") from e
+                                 f"delete {_marker_key(shard)} and resume `premem compress` to rewrite "
+                                 f"shard {shard}") from e
         return self._arrays[key]
 
     def _load_index(self) -> dict[str, tuple[int, dict]]:
@@ -382,7 +384,7 @@ class LongTermStore:
         if wins.shape != (B,):
             raise StoreError(f"window must be one integer or one per document ({B}), got shape {list(wins.shape)}")
         L, Q, d = self._c("L"), self._c("Q_max"), self._c("d_model")
-        for (s, row), k, doc in zip(found, wins.tolist(), doc_ids):
+        for (_, row), k, doc in zip(found, wins.tolist(), doc_ids, strict=True):
             if not 0 <= k <= int(row["n_windows"]):
                 raise StoreError(
                     f"window {k} is outside document {doc!r}, which has {row['n_windows']} windows "
@@ -390,7 +392,7 @@ class LongTermStore:
                     f"memory after its end")
         out = np.zeros((B, Q * L, d), dtype=self.numpy_dtype)
         futs = []
-        for b, ((s, row), k) in enumerate(zip(found, wins.tolist())):
+        for b, ((s, row), k) in enumerate(zip(found, wins.tolist(), strict=True)):
             lo = max(0, k - Q)
             if k > lo:
                 off = int(row["offset"])
@@ -399,7 +401,8 @@ class LongTermStore:
             try:
                 incs = f.result()
             except Exception as e:
-                raise StoreError(f"store {self.path}: cannot read the increments of {doc_ids[b]!r} ({_one_line(e)})") from e
+                raise StoreError(
+                    f"store {self.path}: cannot read the increments of {doc_ids[b]!r} ({_one_line(e)})") from e
             out[b, (Q - n) * L:] = incs.reshape(n * L, d)
         fifo = _np_to_torch(out)
         if dtype is not None:
@@ -424,7 +427,8 @@ class LongTermStore:
                 try:
                     z[:, b] = f.result()
                 except Exception as e:
-                    raise StoreError(f"store {self.path}: cannot read the end state of {doc_ids[b]!r} ({_one_line(e)})") from e
+                    raise StoreError(
+                        f"store {self.path}: cannot read the end state of {doc_ids[b]!r} ({_one_line(e)})") from e
         n_windows = [int(row["n_windows"]) for _, row in found]
         lt = self.long_term(doc_ids, n_windows, dtype=dtype)
         zt = _np_to_torch(z)
@@ -460,7 +464,7 @@ class LongTermShardWriter:
         self._written = np.zeros(len(self.docs), dtype=bool)
         self.marker: dict | None = None
 
-    def __enter__(self) -> "LongTermShardWriter":
+    def __enter__(self) -> LongTermShardWriter:
         return self
 
     def write(self, index: int, increments: Any, end_z: Any = None) -> None:
@@ -478,7 +482,8 @@ class LongTermShardWriter:
                 raise StoreError(f"store {self.store.path} keeps end states: pass end_z for {doc['doc_id']!r}")
             z = _to_numpy(end_z, self.store.numpy_dtype)
             if z.shape != (self.nl, self.S, self.d):
-                raise StoreError(f"end_z of {doc['doc_id']!r} must be [{self.nl}, {self.S}, {self.d}], got {list(z.shape)}")
+                raise StoreError(
+                    f"end_z of {doc['doc_id']!r} must be [{self.nl}, {self.S}, {self.d}], got {list(z.shape)}")
             self.end_z[index] = z
         self._written[index] = True
 
@@ -511,10 +516,13 @@ class LongTermShardWriter:
             self._create("increments", self.increments, [min(WINDOWS_PER_CHUNK, n), self.L, self.d],
                          ["window", "token", "feature"])
             if self.end_z is not None and self.S > 0:
-                self._create("end_z", self.end_z, [1, self.nl, self.S, self.d], ["document", "layer", "token", "feature"])
+                self._create("end_z", self.end_z, [1, self.nl, self.S, self.d],
+                             ["document", "layer", "token", "feature"])
         except Exception as e:
-            raise StoreError(f"store {st.path}: writing shard {self.shard} failed ({_one_line(e)}): resume `premem compress`") from e
-        table = pa.Table.from_pylist([{k: doc.get(k) for k in META_SCHEMA.names} for doc in self.docs], schema=META_SCHEMA)
+            raise StoreError(
+                f"store {st.path}: writing shard {self.shard} failed ({_one_line(e)}): resume `premem compress`") from e
+        rows = [{k: doc.get(k) for k in META_SCHEMA.names} for doc in self.docs]
+        table = pa.Table.from_pylist(rows, schema=META_SCHEMA)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         _kv_write(st._kv, _meta_key(self.shard), buf.getvalue(), st.path)

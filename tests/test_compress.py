@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-
 from premem.jobs.cli import main
 from premem.jobs.melodi_run import run_compress
 from premem.models import CheckpointError
@@ -76,7 +75,8 @@ def _doc_tokens(text: str) -> tuple[torch.Tensor, int]:
 
 def test_stored_increments_equal_full_forward(compressed):
     """(a) per document and window, the stored FIFO is the long-term layer's FIFO inside one full forward."""
-    model, store = compressed["model"], MemoryStore.open(compressed["root"] / "store", expected_fingerprint=compressed["fp"])
+    model = compressed["model"]
+    store = MemoryStore.open(compressed["root"] / "store", expected_fingerprint=compressed["fp"])
     assert isinstance(store, LongTermStore)
     c = model.config
     for doc, text in compressed["texts"].items():

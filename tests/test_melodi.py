@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from premem.models.melodi import (
     MelodiConfig,
     MelodiLM,
@@ -258,7 +257,7 @@ def test_one_segment_equals_several_with_carried_state(kw):
     full, st_full = m(t)
     for cuts in ([0, 8, 16, 24, 32, 40], [0, 16, 40], [0, 24, 40]):
         state, parts = None, []
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
             lo, state = m(t[:, a:b], state)
             parts.append(lo)
         assert torch.allclose(torch.cat(parts, 1), full, atol=ATOL, rtol=0)
