@@ -133,6 +133,10 @@ def info(store, as_json):
     summary = run_job(lambda: MemoryStore.open(store).summary())
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
+    elif summary.get("kind") == "melodi-longterm":
+        from premem.jobs.melodi_cli import echo_longterm_summary
+
+        echo_longterm_summary(summary)
     else:
         _echo_summary(summary)
 

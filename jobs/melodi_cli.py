@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import click
-
 from premem.jobs.clitools import BEAM_ARGS, fail, run_job, split_beam_args
 from premem.pipeline.read import FieldNames
 
@@ -106,7 +105,15 @@ def compress(ctx, inputs, store, checkpoint, docs_per_shard, docs_per_batch, dty
     rejects = s["rejects"]
     click.echo(f"{s['documents'] + len(rejects)} input records = {s['documents']} documents + {len(rejects)} rejected"
                + (f" (see {s['rejects_path']})" if rejects else ""))
+    echo_longterm_summary(s)
+
+
+def echo_longterm_summary(s: dict) -> None:
+    """`premem compress` / `premem info` on a long-term memory store."""
+    c = s["config"]
     click.echo(f"{s['documents']} documents, {s['tokens']} tokens, {s['windows']} windows "
-               f"({s['padded_windows']} padded) in {s['committed_shards']}/{s['num_shards']} shards under {s['path']}")
-    click.echo(f"long-term memory: {s['bytes'] / 2**20:.2f} MiB ({s['bytes_per_token']:.1f} B/token), "
-               f"checkpoint fingerprint {s['fingerprint'][:16]}")
+               f"({s['padded_windows']} padded) in {s['committed_shards']}/{s['num_shards']} shards under {s['path']}"
+               + ("" if s["complete"] else " (INCOMPLETE: resume with `premem compress`)"))
+    click.echo(f"long-term memory: {s['bytes'] / 2**20:.2f} MiB ({s['bytes_per_token']:.1f} B/token, {s['dtype']}, "
+               f"L={c['L']} x d={c['d_model']} per window of W={c['W']}, FIFO of Q_max={c['Q_max']} windows"
+               f"{', with end states' if s['end_state'] else ''}), checkpoint fingerprint {s['fingerprint'][:16]}")

@@ -380,6 +380,8 @@ class LongTermStore:
         """
         found = self._lookup(doc_ids)
         B = len(found)
+        if isinstance(window, torch.Tensor):
+            window = window.tolist()
         wins = np.full(B, int(window), dtype=np.int64) if np.isscalar(window) else np.asarray(window, dtype=np.int64)
         if wins.shape != (B,):
             raise StoreError(f"window must be one integer or one per document ({B}), got shape {list(wins.shape)}")

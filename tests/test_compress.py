@@ -233,6 +233,8 @@ def test_cli_compress_and_errors(compressed, tmp_path):
     assert res.exit_code == 0, res.output
     assert "9 input records = 6 documents + 3 rejected" in res.output
     assert "6 documents, 219 tokens, 29 windows (3 padded) in 1/1 shards" in res.output
+    res = runner.invoke(main, ["info", str(tmp_path / "s")])
+    assert res.exit_code == 0 and "29 windows (3 padded) in 1/1 shards" in res.output and "L=2 x d=32" in res.output
     res = runner.invoke(main, ["compress", str(root / "docs.jsonl"), "--store", str(tmp_path / "t"), "--checkpoint",
                                str(tmp_path / "missing")])
     assert res.exit_code == 2 and "does not exist" in res.output
