@@ -146,8 +146,10 @@ def _discard_bad_shards(store) -> list[int]:
 
     report = verify_store(store.path)
     bad = sorted(s for s in report.bad_shards if s not in report.uncommitted_shards)
-    for shard in bad:
+    for shard in bad:  # the whole shard is redone: memory, lengths, metadata and its retrieval embeddings
         store.discard_shard(shard)
+        for key in (f"embedding-commits/shard-{shard:05d}.json", f"embeddings/c/{shard}/0"):
+            store._kv.write(key, None).result()
     return bad
 
 

@@ -5,7 +5,8 @@
 Steps: Shakespeare's plays -> `premem shard` -> a clean `premem encode` (timed) -> the same encode into a
 second store, started and SIGKILLed (the whole process group, Beam workers included) at a random moment
 of its remaining run, `--kills` times -> one last run to completion -> the two stores' `memory/` and
-`lengths/` arrays compared byte for byte, their passage metadata and commit markers compared, and
+`lengths/` (and retrieval `embeddings/`) arrays compared byte for byte, their passage metadata and commit
+markers compared, and
 `premem verify` run on the resumed store.  Exit status 0 only when everything is identical.
 """
 from __future__ import annotations
@@ -104,7 +105,10 @@ def read_array(store: Path, name: str) -> np.ndarray:
 def compare_stores(a: Path, b: Path) -> list[str]:
     """Differences between two stores' arrays (byte for byte), metadata tables and commit markers."""
     diffs = []
-    for name in ("memory", "lengths"):
+    arrays = sorted(p.parent.name for p in a.glob("*/zarr.json"))  # memory, lengths, embeddings (retrieval)
+    if arrays != sorted(p.parent.name for p in b.glob("*/zarr.json")):
+        diffs.append(f"arrays differ: {arrays}")
+    for name in arrays:
         x, y = read_array(a, name), read_array(b, name)
         if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
             bad = int((x.view(np.uint8) != y.view(np.uint8)).reshape(x.shape[0], -1).any(axis=1).sum()) \
@@ -116,15 +120,16 @@ def compare_stores(a: Path, b: Path) -> list[str]:
     for m in metas:
         if not pq.read_table(a / "meta" / m).equals(pq.read_table(b / "meta" / m)):
             diffs.append(f"meta/{m} differs")
-    keep = ("shard", "start", "stop", "passages", "tokens", "bytes", "fingerprint")
-    for p in sorted((a / "commits").glob("*.json")):
-        q = b / "commits" / p.name
-        if not q.exists():
-            diffs.append(f"commits/{p.name} missing")
-            continue
-        ma, mb = json.loads(p.read_text()), json.loads(q.read_text())
-        if {k: ma.get(k) for k in keep} != {k: mb.get(k) for k in keep}:
-            diffs.append(f"commits/{p.name} differs")
+    drop = ("committed_at", "commit_seconds")  # when, not what
+    for markers in sorted({p.parent.name for p in a.glob("*commits/*.json")}):  # commits/, embedding-commits/
+        names = sorted(p.name for p in (a / markers).glob("*.json"))
+        if names != sorted(p.name for p in (b / markers).glob("*.json")):
+            diffs.append(f"{markers}/ holds other markers")
+        for name in names:
+            q = b / markers / name
+            ma, mb = json.loads((a / markers / name).read_text()), json.loads(q.read_text()) if q.exists() else {}
+            if {k: v for k, v in ma.items() if k not in drop} != {k: v for k, v in mb.items() if k not in drop}:
+                diffs.append(f"{markers}/{name} differs")
     if committed(a) != committed(b):
         diffs.append(f"{committed(a)} vs {committed(b)} committed shards")
     return diffs
@@ -163,7 +168,8 @@ def main() -> int:
     print(f"killed {result['kills']} times; killed + resumed runs took {faulty_s:.1f} s in all "
           f"(clean run {clean_s:.1f} s); whole script {time.perf_counter() - t_all:.1f} s")
     print("verify: " + (verify.stdout.strip().splitlines() or ["?"])[-1])
-    print("arrays identical to the clean run (memory/, lengths/ byte for byte; meta/ and commits/ equal)" if not diffs
+    arrays = ", ".join(sorted(p.parent.name for p in (work / "clean").glob("*/zarr.json")))
+    print(f"arrays identical to the clean run ({arrays} byte for byte; meta/ and commit markers equal)" if not diffs
           else "DIFFERENT: " + "; ".join(diffs))
     return 0 if not diffs and verify.returncode == 0 and result["kills"] >= args.kills else 1
 
