@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-
 from premem.jobs.cli import main
 from premem.models import CheckpointError
 from premem.models.melodi import MelodiConfig
@@ -121,3 +120,14 @@ def test_cli_train_melodi(tmp_path):
     assert res.exit_code == 2 and "unknown MELODI setting" in res.output
     res = runner.invoke(main, args + ["--heldout", "3"])
     assert res.exit_code == 2 and "3 usable documents" in res.output
+
+
+def test_adafactor_option_trains(tmp_path):
+    d = docs()
+    tc = TrainConfig(steps=3, batch_size=2, segment_windows=1, optimizer="adafactor", lr=1e-2, warmup_steps=1,
+                     eval_every=3, eval_tokens_per_doc=64, checkpoint_every=3)
+    res = train(tiny(), tc, d[:2], d[2:], tmp_path / "ada")
+    assert res.steps == 3 and torch.isfinite(torch.tensor(res.history[-1]["heldout_loss"]))
+    assert json.loads((tmp_path / "ada" / "trainer.json").read_text())["train"]["optimizer"] == "adafactor"
+    with pytest.raises(ValueError, match="adamw or adafactor"):
+        TrainConfig(optimizer="sgd").check()
