@@ -51,7 +51,7 @@ def train_lumen_command(checkpoint, store, questions, neighbors, out, eval_quest
 @click.command("lumen-demo")
 @click.option("--workdir", default="out/lumen-demo", show_default=True)
 @click.option("--plays", default=8, show_default=True, help="Plays in the corpus (at most 8).")
-@click.option("--steps", default=200, show_default=True)
+@click.option("--steps", default=150, show_default=True)
 @click.option("-k", "k", default=4, show_default=True, help="Retrieved passages per question.")
 @click.option("--live-fraction", default=0.5, show_default=True)
 @click.option("--seed", default=0, show_default=True)

@@ -4,7 +4,8 @@ No pretrained T5 is available offline, so the demo builds everything small and r
 trained on the plays, a random T5 v1.1 (encoder-decoder), the plays sharded and encoded into a store (memory
 of the first K encoder layers, MiniLM retrieval embeddings in the same pass), a faiss index, and a question set
 whose answers are only in the passages: "which play has the line: <12 words of a passage>?" -> the play's
-title, which the passage carries ("title: ... context: ...") and the question does not.  Eval questions come
+title, which the passage carries ("title: ... context: ...") and the question does not (lines that name
+their play, like "Hamlet" in Hamlet, are never asked).  Eval questions come
 from passages never used for training, so a model without retrieval can only guess (or recognise character
 names); LUMEN reads the retrieved passages' stored memory and can copy the title.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import string
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,8 +85,9 @@ def write_questions(store, work: Path, *, eval_share: float = 0.2, per_passage: 
         with path.open("w") as handle:
             for m in passages:
                 words = m["text"].split()
-                for j in range(count):
-                    start = rng.randrange(0, len(words) - LINE_WORDS + 1)
+                starts = [i for i in range(len(words) - LINE_WORDS + 1)
+                          if not _names_title(words[i:i + LINE_WORDS], m["title"])]
+                for j, start in enumerate(rng.sample(starts, min(count, len(starts)))):
                     record = {"id": f"{name}-{m['row']}-{j}", "question": QUESTION.format(
                         line=" ".join(words[start:start + LINE_WORDS])), "answers": [m["title"]], "row": m["row"]}
                     handle.write(json.dumps(record) + "\n")
@@ -118,6 +121,12 @@ def exact_neighbors(store, questions: Path, out: Path, k: int) -> None:
                     retriever_fingerprint=info["fingerprint"])
 
 
+def _names_title(words: list[str], title: str) -> bool:
+    """Whether a line names its play (e.g. "Hamlet" in Hamlet): such lines would give the answer away."""
+    names = {w.lower() for w in title.split()} - {"and", "the", "of"}
+    return any(w.strip(string.punctuation).lower() in names for w in words)
+
+
 def retrieval_hits(questions: Path, neighbors_path: Path, store) -> dict:
     """Share of questions whose source passage / whose play is among the retrieved rows."""
     from premem.storage import read_neighbors
@@ -139,7 +148,7 @@ def retrieval_hits(questions: Path, neighbors_path: Path, store) -> dict:
 
 
 def run_lumen_demo(workdir: str, *, plays: int = 8, words_per_play: int = 4000, passage_words: int = 40,
-                   live_fraction: float = 0.5, k: int = 4, steps: int = 200, batch_size: int = 16, lr: float = 2e-3,
+                   live_fraction: float = 0.5, k: int = 4, steps: int = 150, batch_size: int = 16, lr: float = 2e-3,
                    seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Builds the demo under `workdir`, trains with retrieval (k) and without (k=0); returns both runs' metrics."""
     from premem.jobs.run import run_encode, run_shard
@@ -175,7 +184,7 @@ def run_lumen_demo(workdir: str, *, plays: int = 8, words_per_play: int = 4000, 
         config = TrainConfig(checkpoint=str(checkpoint), store=str(store_path), questions=str(files["train"]),
                              neighbors=str(neighbors["train"]), eval_questions=str(files["eval"]),
                              eval_neighbors=str(neighbors["eval"]), out=str(work / name), k=run_k, steps=steps,
-                             batch_size=batch_size, lr=lr, seed=seed, log_every=25, eval_every=max(steps // 4, 1),
+                             batch_size=batch_size, lr=lr, seed=seed, log_every=25, eval_every=max(steps // 3, 1),
                              save_model=False, max_answer_tokens=8)
         log(f"training {name} (k={run_k}) for {steps} steps ...")
         runs[name] = train_lumen(config, progress=lambda p, n=name: log(
