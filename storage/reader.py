@@ -275,7 +275,7 @@ class LumenDataset(Dataset):
         }
 
     def __getitems__(self, indices: Sequence[int]) -> LumenBatch:
-        """A whole batch in one store read: each distinct row once, then gathered into [B, k, P, d]."""
+        """A whole batch in one store read, straight into [B, k, P, d]."""
         self._check_process()
         index = np.asarray(list(indices), dtype=np.int64)
         rows = self.rows[index]  # [B, k]
@@ -287,12 +287,10 @@ class LumenDataset(Dataset):
         if k == 0:
             memory = torch.zeros((b, 0, 0, self.store.d_model), dtype=self.store.torch_dtype)
             memory_mask = torch.zeros((b, 0, 0), dtype=torch.bool)
-        else:
-            unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
-            read = self.store.read(unique)
-            take = torch.from_numpy(inverse.astype(np.int64))
-            memory = read.states[take].reshape(b, k, *read.states.shape[1:])
-            memory_mask = read.mask[take].reshape(b, k, -1)
+        else:  # rows in batch order (repeats allowed): the read lands in its final layout, no gather copy
+            read = self.store.read(rows.reshape(-1))
+            memory = read.states.reshape(b, k, *read.states.shape[1:])
+            memory_mask = read.mask.reshape(b, k, -1)
         return LumenBatch(question_ids, question_mask, memory, memory_mask, labels,
                           torch.from_numpy(rows.copy()), torch.from_numpy(index))
 
@@ -398,6 +396,7 @@ class Prefetcher:
         self.device = torch.device(device) if device is not None else None
         self.depth = depth
         self.wait_seconds = 0.0
+        self.first_wait_seconds = 0.0  # the wait for the first batch: nothing could be read ahead of it
         self.batches = 0
 
     def __iter__(self) -> Iterator[LumenBatch]:
@@ -438,7 +437,10 @@ class Prefetcher:
             while True:
                 started = time.perf_counter()
                 batch, event, error = slots.get()
-                self.wait_seconds += time.perf_counter() - started
+                waited = time.perf_counter() - started
+                self.wait_seconds += waited
+                if self.batches == 0:
+                    self.first_wait_seconds += waited
                 if isinstance(error, StopIteration):
                     return
                 if error is not None:
