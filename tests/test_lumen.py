@@ -12,6 +12,16 @@ from premem.pipeline.encode import pad_batch
 from premem.storage import FingerprintMismatch, MemoryStore
 from transformers import T5ForConditionalGeneration
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 QUESTIONS = ["who crossed the stone bridge", "what did my grandmother paint before the winter came"]
 ANSWERS = ["the old fisherman", "a wooden boat"]
 
