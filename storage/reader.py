@@ -235,7 +235,8 @@ class LumenDataset(Dataset):
             scores=neighbors.scores[take], store=neighbors.store, store_fingerprint=neighbors.store_fingerprint,
             retriever_fingerprint=neighbors.retriever_fingerprint)
         labels = None if tokenize_answers is None else tokenize_answers([q.answers[0] for q in kept])
-        dataset = cls(store, joined, tokenize_questions([q.question for q in kept]), labels, k=k)
+        dataset = cls(store, joined, tokenize_questions([q.question for q in kept]), labels, k=k,
+                      expected_fingerprint=expected_fingerprint)
         dataset.questions = kept
         report = {"questions": len(qset.questions), "joined": len(kept), "without_neighbors": len(missing),
                   "without_neighbors_ids": missing[:20], "rejected_lines": len(qset.rejects),
