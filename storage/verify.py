@@ -288,7 +288,8 @@ def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta:
     if lengths is not None:
         bad = (lengths < 0) | (lengths > store.max_tokens)
         if bad.any():
-            report.add("lengths", f"lengths outside 0..{store.max_tokens}", shard=s, rows=rows[bad], key=f"lengths/c/{s}")
+            report.add("lengths", f"lengths outside 0..{store.max_tokens}", shard=s, rows=rows[bad],
+                       key=f"lengths/c/{s}")
             lengths = None
         elif marker is not None and "tokens" in marker and int(lengths.sum()) != int(marker["tokens"]):
             report.add("lengths", f"lengths sum to {int(lengths.sum())} tokens, the commit marker says "
