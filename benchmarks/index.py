@@ -11,8 +11,9 @@ the ~204k lines would be the other natural choice, but MiniLM runs at ~80 lines/
 The index is built by `premem index` (auto factory, Beam shard-by-shard add, merge, nprobe tuning) and
 compared with an exact IndexFlatIP over the same vectors: build time, memory, queries/s, recall@10.
 
-lines: the plays -> shards -> store (memory K=1, MiniLM embeddings) -> auto index; a few hundred lines of >= 6
-words lying inside one passage are used as queries; prints how often the passage is in the top 10 (and top 1).
+lines: the plays -> shards -> store (memory K=1, MiniLM embeddings: one vector per window of --window-words 16
+words, or per passage with 0) -> auto index; a few hundred lines of >= 6 words lying inside one passage are the
+queries; prints how often the passage is in the top 10 (and top 1).
 """
 from __future__ import annotations
 
@@ -171,17 +172,19 @@ def bench_lines(args) -> None:
     from premem.pipeline.shard import ShardConfig
     from premem.storage import MemoryStore
 
-    work = Path(args.workdir)
+    work = Path(args.workdir) / f"plays{args.plays}-window{args.window_words}"
     corpus = write_plays_jsonl(work / "plays.jsonl", limit=args.plays)
     t0 = time.perf_counter()
     if not (work / "store" / "index").exists():
         run_shard([str(corpus)], str(work / "shards"), ShardConfig(tokenizer="minilm", max_tokens=160))
         run_encode(str(work / "shards"), str(work / "store"),
-                   EncoderConfig("minilm", memory_layers=1, tokens_per_batch=8192), retriever=RetrieverConfig("minilm"),
-                   pipeline_args=args.beam_args)
+                   EncoderConfig("minilm", memory_layers=1, tokens_per_batch=8192),
+                   retriever=RetrieverConfig("minilm", window_words=args.window_words), pipeline_args=args.beam_args)
         build_index(str(work / "store"), IndexConfig(), args.beam_args)
     store = MemoryStore.open(str(work / "store"))
-    print(f"store: {args.plays or 37} plays, {store.rows} passages, index {store.manifest['index']['factory']} "
+    windows = f"windows of {args.window_words} words" if args.window_words else "one vector per passage"
+    print(f"store: {args.plays or 37} plays, {store.rows} passages, MiniLM {windows}, "
+          f"index {store.manifest['index']['factory']} over {store.manifest['index']['ntotal']} vectors "
           f"(built in {time.perf_counter() - t0:.0f} s, shards + memory K=1 + MiniLM embeddings + index)")
     meta = store.read_metadata(np.arange(store.rows)).to_pylist()
     row_of = {(m["doc_id"], m["passage"]): m["row"] for m in meta}
@@ -216,6 +219,7 @@ def main() -> None:
     lines = sub.add_parser("lines")
     lines.add_argument("--plays", type=int, default=6)
     lines.add_argument("--sample", type=int, default=300)
+    lines.add_argument("--window-words", type=int, default=16, help="0: one vector per passage")
     lines.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "premem-bench-lines"))
     args, beam_args = parser.parse_known_args()
     args.beam_args = beam_args

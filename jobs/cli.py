@@ -88,10 +88,13 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
               show_default=True, help="auto: the checkpoint's 1_Pooling/config.json, else mean.")
 @click.option("--retriever-max-length", type=int, default=None,
               help="Retriever tokens per passage, longer ones truncated (default: the checkpoint's max_seq_length).")
+@click.option("--retriever-window-words", type=int, default=0, show_default=True,
+              help="> 0: one retrieval vector per window of this many words (stride half), a row scored by its "
+                   "best window; finds short quotes far better than one vector per passage.")
 @click.pass_context
 def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, dtype, compute_dtype, device,
            tokens_per_batch, zstd_level, progress, repair, force_unlock, retriever, retriever_pooling,
-           retriever_max_length):
+           retriever_max_length, retriever_window_words):
     """Encode the passage SHARDS into a memory STORE with the first K layers of an encoder."""
     from premem.jobs.run import run_encode
     from premem.pipeline.encode import EncoderConfig
@@ -104,7 +107,8 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
     from premem.models.retriever import NONE, RetrieverConfig
 
     retriever_config = None if retriever == NONE else RetrieverConfig(
-        name=retriever, pooling=retriever_pooling, max_length=retriever_max_length)
+        name=retriever, pooling=retriever_pooling, max_length=retriever_max_length,
+        window_words=retriever_window_words)
     with ProgressBar(progress) as report:
         summary = run_job(run_encode, shards, store, config, dtype=dtype, zstd_level=zstd_level,
                        pipeline_args=ctx.args, progress=report, repair=repair, force_unlock=force_unlock,

@@ -42,6 +42,7 @@ class RetrieverConfig:
     max_length: int | None = None  # None: the checkpoint's sentence_bert_config.json, else its tokenizer's limit
     template: str = DEFAULT_PASSAGE_TEMPLATE
     batch_tokens: int = 8192
+    window_words: int = 0  # > 0: one vector per window of this many words (stride half of it), not per passage
 
     @property
     def is_memory_mean(self) -> bool:
@@ -52,15 +53,30 @@ class RetrieverConfig:
             raise CheckpointError("memory-mean has no text model of its own: load it with MemoryMeanEmbedder")
         local = resolve_checkpoint(self.name)
         stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(local.iterdir()) if f.is_file())
-        return _cached_embedder(self.name, self.pooling, self.max_length, self.template, device, stamp)
+        return _cached_embedder(self.name, self.pooling, self.max_length, self.template, self.window_words, device,
+                                stamp)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_embedder(name: str, pooling: str, max_length: int | None, template: str, device: str,
+def _cached_embedder(name: str, pooling: str, max_length: int | None, template: str, window_words: int, device: str,
                      _stamp: tuple) -> TextEmbedder:
     """One loaded retriever per process and checkpoint state (the driver and in-process workers share it)."""
     return TextEmbedder.from_pretrained(name, pooling=pooling, max_length=max_length, template=template,
-                                        device=device)
+                                        window_words=window_words, device=device)
+
+
+def window_starts(words: int, window_words: int) -> list[int]:
+    """Start word of each window over a passage of ``words`` words: stride window/2, the tail always covered."""
+    stride = max(1, window_words // 2)
+    starts = list(range(0, max(words - window_words, 0) + 1, stride))
+    if starts[-1] + window_words < words:
+        starts.append(words - window_words)
+    return starts
+
+
+def windows_per_row(passage_words: int, window_words: int) -> int:
+    """Vectors per passage of at most ``passage_words`` words (1 without windows)."""
+    return len(window_starts(passage_words, window_words)) if window_words > 0 else 1
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -104,7 +120,7 @@ class TextEmbedder:
     """A sentence-embedding checkpoint (BERT or T5 encoder): texts -> pooled, L2-normalised float32 vectors."""
 
     def __init__(self, model, tokenizer, *, checkpoint: str, pooling: str, max_length: int, template: str,
-                 fingerprint: str, batch_tokens: int = 8192, device: str = "cpu") -> None:
+                 fingerprint: str, batch_tokens: int = 8192, device: str = "cpu", window_words: int = 0) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
@@ -114,24 +130,38 @@ class TextEmbedder:
         self.fingerprint = fingerprint
         self.batch_tokens = batch_tokens
         self.device = device
+        self.window_words = window_words
         self.dim = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model)
 
     @classmethod
     def from_pretrained(cls, path: str, *, pooling: str = "auto", max_length: int | None = None,
-                        template: str = DEFAULT_PASSAGE_TEMPLATE, device: str = "cpu") -> TextEmbedder:
+                        template: str = DEFAULT_PASSAGE_TEMPLATE, window_words: int = 0,
+                        device: str = "cpu") -> TextEmbedder:
         local = resolve_checkpoint(path)
         tokenizer = _load_tokenizer(local)
         model, _arch = _load_encoder(local)
         pooling = _resolve_pooling(local, pooling)
         max_length = _resolve_max_length(local, tokenizer, max_length)
         _check_passage_template(template)
-        fingerprint = _text_fingerprint(model, tokenizer_fingerprint(tokenizer), pooling, max_length, template)
+        if window_words < 0:
+            raise CheckpointError(f"--retriever-window-words must be 0 (one vector per passage) or positive, "
+                                  f"got {window_words}")
+        fingerprint = _text_fingerprint(model, tokenizer_fingerprint(tokenizer), pooling, max_length, template,
+                                        window_words)
         return cls(model.to(device).requires_grad_(False), tokenizer, checkpoint=path, pooling=pooling,
-                   max_length=max_length, template=template, fingerprint=fingerprint, device=device)
+                   max_length=max_length, template=template, fingerprint=fingerprint, device=device,
+                   window_words=window_words)
 
     def render(self, title: str | None, text: str) -> str:
         """The passage as the retriever reads it (title and text; the memory encoder's template is not used)."""
         return self.template.format(title=title or "", text=text)
+
+    def passage_texts(self, title: str | None, text: str) -> list[str]:
+        """What is embedded for one passage: the rendered passage, or its word windows (text only)."""
+        if self.window_words <= 0:
+            return [self.render(title, text)]
+        words = text.split() or [""]
+        return [" ".join(words[i:i + self.window_words]) or text for i in window_starts(len(words), self.window_words)]
 
     def embed(self, texts: list[str], what: str = "text") -> np.ndarray:
         """[len(texts), dim] float32, unit length; texts longer than max_length tokens are truncated."""
@@ -159,7 +189,8 @@ class TextEmbedder:
     def info(self) -> dict[str, Any]:
         return {"kind": "checkpoint", "checkpoint": self.checkpoint, "pooling": self.pooling,
                 "max_length": self.max_length, "truncation": "right", "template": self.template,
-                "normalized": True, "dim": self.dim, "fingerprint": self.fingerprint}
+                "normalized": True, "dim": self.dim, "window_words": self.window_words,
+                "fingerprint": self.fingerprint}
 
 
 class MemoryMeanEmbedder:
@@ -251,10 +282,13 @@ def _check_passage_template(template: str) -> None:
         raise CheckpointError(f"retriever template {template!r} is invalid: use {{text}} and optionally {{title}}")
 
 
-def _text_fingerprint(model, tokenizer_hash: str, pooling: str, max_length: int, template: str) -> str:
-    """sha256 of the weights, tokenizer, pooling, max length and passage template: what decides the vectors."""
+def _text_fingerprint(model, tokenizer_hash: str, pooling: str, max_length: int, template: str,
+                      window_words: int = 0) -> str:
+    """sha256 of the weights, tokenizer, pooling, max length, template and windows: what decides the vectors."""
     header = {"kind": "checkpoint", "model_type": model.config.model_type, "tokenizer": tokenizer_hash,
               "pooling": pooling, "max_length": max_length, "template": template, "normalized": True}
+    if window_words:
+        header["window_words"] = window_words
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for name, param in model.named_parameters():
         if name.startswith("pooler."):

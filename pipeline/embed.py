@@ -10,6 +10,8 @@ from premem.models.retriever import RetrieverConfig, memory_mean, memory_mean_in
 def retriever_info(config: RetrieverConfig, memory_fingerprint: str, d_model: int) -> dict:
     """The manifest record of the retriever (loads a text retriever once, in the driver, for its fingerprint)."""
     if config.is_memory_mean:
+        if config.window_words:
+            raise ValueError("--retriever-window-words needs a retriever checkpoint, not memory-mean")
         return memory_mean_info(memory_fingerprint, d_model)
     return config.load_text_embedder().info()
 
@@ -32,6 +34,11 @@ class ShardEmbedder:
             raise RuntimeError(f"worker loaded retriever {self.text.fingerprint[:12]} but the store expects "
                                f"{fingerprint[:12]}: the checkpoint at {config.name} changed during the job")
         self._collected: dict[int, np.ndarray] = {}
+        self.per_row = 1
+        if self.text is not None and self.text.window_words > 0:
+            from premem.storage.embeddings import vectors_per_row
+
+            self.per_row = vectors_per_row(store)
 
     def is_committed(self, shard: int) -> bool:
         from premem.storage.embeddings import embeddings_committed
@@ -53,8 +60,20 @@ class ShardEmbedder:
         rows = table.column("row").to_numpy().astype(np.int64)
         if self.text is not None:
             titles = table.column("title").to_pylist() if "title" in table.column_names else [""] * len(rows)
-            texts = [self.text.render(t, x) for t, x in zip(titles, table.column("text").to_pylist(), strict=True)]
-            vectors = self.text.embed(texts, what="passage")
+            per_passage = [self.text.passage_texts(t, x)
+                           for t, x in zip(titles, table.column("text").to_pylist(), strict=True)]
+            flat = self.text.embed([text for texts in per_passage for text in texts], what="passage")
+            if self.text.window_words <= 0:
+                vectors = flat
+            else:  # [n, m, e], zeros in the slots a short passage does not fill
+                vectors = np.zeros((len(rows), self.per_row, flat.shape[1]), dtype=np.float32)
+                at = 0
+                for i, texts in enumerate(per_passage):
+                    if len(texts) > self.per_row:
+                        raise ValueError(f"passage row {rows[i]} has {len(texts)} windows, the store holds "
+                                         f"{self.per_row} per row: its passages are longer than passage_words")
+                    vectors[i, :len(texts)] = flat[at:at + len(texts)]
+                    at += len(texts)
         elif all(int(r) in self._collected for r in rows):
             vectors = np.stack([self._collected.pop(int(r)) for r in rows])
         else:
@@ -75,5 +94,10 @@ def prepare_store_embeddings(store, config: RetrieverConfig, memory_committed: s
     from premem.storage.embeddings import embedding_committed_shards, prepare_embeddings
 
     info = retriever_info(config, store.fingerprint, store.d_model)
+    if info.get("window_words"):
+        from premem.models.retriever import windows_per_row
+
+        passage_words = int((store.manifest.get("extra") or {}).get("passage_words", 100))
+        info["vectors_per_row"] = windows_per_row(passage_words, int(info["window_words"]))
     prepare_embeddings(store, info)
     return info["fingerprint"], set(memory_committed) - embedding_committed_shards(store)

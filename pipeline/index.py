@@ -24,6 +24,7 @@ from premem.storage import faiss_index as fx
 from premem.storage.embeddings import (
     _write_manifest_key,
     embedding_committed_shards,
+    flatten_vectors,
     read_embeddings,
     read_shard_embeddings,
     retriever_info,
@@ -55,7 +56,7 @@ class AddShardFn(beam.DoFn):
         self.trained = fx.deserialize(fx.read_index_bytes(self.store, fx.TRAINED))
 
     def process(self, shard: int):
-        rows, vectors = read_shard_embeddings(self.store, shard)
+        rows, vectors = flatten_vectors(*read_shard_embeddings(self.store, shard))
         part = faiss.clone_index(self.trained)
         fx.add_rows(part, rows, vectors)
         fx.write_index_bytes(self.store, fx.part_key(shard), fx.serialize(part))
@@ -83,7 +84,17 @@ def _sample_rows(shards: list[int], store: MemoryStore, size: int, seed: int) ->
 
 def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_args: list[str] | None = None,
                 log=lambda message: None) -> dict:
-    """Builds and stores the index; returns the manifest's ``index`` record."""
+    """Builds and stores the index; returns the manifest's ``index`` record.
+
+    Holds the store's writer lease while it runs, so it never runs beside an encode job of the same store.
+    """
+    from premem.storage.lease import StoreLease
+
+    with StoreLease(store_path, job="premem index"):
+        return _build_index(store_path, config, pipeline_args, log)
+
+
+def _build_index(store_path: str, config: IndexConfig, pipeline_args: list[str] | None, log) -> dict:
     started = time.perf_counter()
     store = MemoryStore.open(store_path, read_only=False)
     rinfo = retriever_info(store)
@@ -96,7 +107,8 @@ def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_a
         raise fx.RetrievalError(f"{len(missing)} of {store.num_shards} shards of store {store.path} have no committed "
                                 f"embeddings (first: shard {missing[0]}): resume `premem encode ... --retriever "
                                 f"{rinfo.get('checkpoint', rinfo.get('kind'))}` first")
-    rows, dim = store.rows, int(rinfo["dim"])
+    dim, per_row = int(rinfo["dim"]), int(rinfo.get("vectors_per_row", 1))
+    rows = store.rows * per_row  # vectors to index (windows: at most m per row)
     factory = fx.auto_factory(rows, dim, config.max_memory) if config.factory == fx.AUTO else config.factory
     needs = fx.training_needs(fx.new_index(factory, dim))
     train_size = min(rows, config.train_size or needs.recommended or 0)
@@ -106,7 +118,8 @@ def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_a
     log(f"factory {factory} for {rows} vectors of dim {dim}; training on {train_size} sampled vectors")
 
     t0 = time.perf_counter()
-    sample = read_embeddings(store, _sample_rows(shards, store, train_size, config.seed)) if train_size else \
+    sampled = _sample_rows(shards, store, -(-train_size // per_row), config.seed)
+    sample = flatten_vectors(sampled, read_embeddings(store, sampled))[1][:train_size] if train_size else \
         np.zeros((0, dim), np.float32)
     trained = fx.train_index(factory, sample, rows)
     train_seconds = time.perf_counter() - t0
@@ -128,18 +141,19 @@ def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_a
         log(f"factory {factory} cannot merge parts (HNSW graph): adding the {len(shards)} shards in order here")
         index = faiss.clone_index(trained)
         for shard in shards:
-            fx.add_rows(index, *read_shard_embeddings(store, shard))
+            fx.add_rows(index, *flatten_vectors(*read_shard_embeddings(store, shard)))
         add_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
     merge_seconds = time.perf_counter() - t0
-    if index.ntotal != rows:
+    if (per_row == 1 and index.ntotal != rows) or index.ntotal < store.rows:
         raise fx.RetrievalError(f"the merged index holds {index.ntotal} vectors, the store {rows}: rebuild with "
                                 f"`premem index {store.path}`")
 
     t0 = time.perf_counter()
-    queries = sample[: config.tune_queries] if len(sample) else read_embeddings(store, np.arange(min(rows, 256)))
-    k = min(10, rows)
-    _, exact_rows = fx.exact_top_k(queries, (read_shard_embeddings(store, s) for s in shards), k)
+    queries = sample[: config.tune_queries] if len(sample) else \
+        flatten_vectors(np.arange(min(store.rows, 256)), read_embeddings(store, np.arange(min(store.rows, 256))))[1]
+    k = min(10, int(index.ntotal))
+    _, exact_rows = fx.exact_top_k(queries, (flatten_vectors(*read_shard_embeddings(store, s)) for s in shards), k)
     params = fx.tune_search_params(index, queries, exact_rows, k, config.target_recall)
     tune_seconds = time.perf_counter() - t0
     log(f"search defaults {params}")
@@ -159,6 +173,8 @@ def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_a
         "requested_factory": config.factory,
         "metric": "inner_product",
         "dim": dim,
+        "rows": store.rows,
+        "vectors_per_row": per_row,
         "ntotal": int(index.ntotal),
         "shards": len(shards),
         "train_size": int(len(sample)),
@@ -177,7 +193,8 @@ def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_a
         "merge_seconds": round(merge_seconds, 3),
         "tune_seconds": round(tune_seconds, 3),
         "retriever": {k2: rinfo.get(k2) for k2 in ("kind", "checkpoint", "pooling", "max_length", "template",
-                                                   "fingerprint", "memory_fingerprint") if k2 in rinfo},
+                                                   "window_words", "fingerprint", "memory_fingerprint")
+                      if k2 in rinfo},
         "file": fx.MERGED,
         "built_at": _now(),
     }

@@ -75,19 +75,22 @@ def prepare_embeddings(store: MemoryStore, info: dict, *, dtype: str = "float32"
                 f"--retriever none, or delete {store.path}/{EMBEDDINGS} and {COMMITS} to replace them")
         return
     dim = int(info["dim"])
+    per_row = int(info.get("vectors_per_row", 1))
+    shape, chunks = ([store.rows, dim], [store.shard_size, dim]) if per_row == 1 else \
+        ([store.rows, per_row, dim], [store.shard_size, per_row, dim])
     try:
         store._kv.delete_range(ts.KvStore.KeyRange(COMMITS, COMMITS[:-1] + "0")).result()
         ts.open({
             "driver": "zarr3",
             "kvstore": kvstore_spec(store.path, EMBEDDINGS),
             "metadata": {
-                "shape": [store.rows, dim],
+                "shape": shape,
                 "data_type": dtype,
                 "fill_value": 0,
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [store.shard_size, dim]}},
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
                 "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                            {"name": "zstd", "configuration": {"level": 1}}, {"name": "crc32c"}],
-                "dimension_names": ["row", "feature"],
+                "dimension_names": ["row", "feature"] if per_row == 1 else ["row", "window", "feature"],
             },
         }, create=True, delete_existing=True).result()
     except Exception as e:
@@ -140,15 +143,16 @@ def write_shard_embeddings(store: MemoryStore, shard: int, rows: np.ndarray, vec
     rng = store.shard_rows(shard)
     rows = np.asarray(rows, dtype=np.int64)
     vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.shape != (len(rows), int(info["dim"])):
-        raise StoreError(f"embeddings for shard {shard} must have shape [{len(rows)}, {info['dim']}], "
-                         f"got {list(vectors.shape)}")
+    per_row = int(info.get("vectors_per_row", 1))
+    want = (len(rows), int(info["dim"])) if per_row == 1 else (len(rows), per_row, int(info["dim"]))
+    if vectors.shape != want:
+        raise StoreError(f"embeddings for shard {shard} must have shape {list(want)}, got {list(vectors.shape)}")
     local = rows - rng.start
     if len(rows) != len(rng) or np.any(local < 0) or np.any(local >= len(rng)) or len(np.unique(local)) != len(rng):
         raise StoreError(f"embeddings for shard {shard} must cover its rows {rng.start}..{rng.stop - 1} exactly once")
     if not np.all(np.isfinite(vectors)):
         raise StoreError(f"embeddings for shard {shard} contain NaN/inf: the retriever diverged, check its weights")
-    full = np.empty((len(rng), vectors.shape[1]), dtype=_DTYPES[info.get("dtype", "float32")])
+    full = np.empty((len(rng), *vectors.shape[1:]), dtype=_DTYPES[info.get("dtype", "float32")])
     full[local] = vectors
     try:
         _array(store)[rng.start:rng.stop].write(full).result()
@@ -161,7 +165,7 @@ def write_shard_embeddings(store: MemoryStore, shard: int, rows: np.ndarray, vec
 
 
 def read_shard_embeddings(store: MemoryStore, shard: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows int64, vectors float32 [n, e]) of one committed shard."""
+    """(rows int64, vectors float32 [n, e], or [n, m, e] with m windows per row) of one committed shard."""
     res = _kv_read(store._kv, _marker_key(shard), store.path)
     if res.state != "value":
         raise StoreError(f"the embeddings of shard {shard} of store {store.path} are not committed: resume "
@@ -182,7 +186,7 @@ def read_shard_embeddings(store: MemoryStore, shard: int) -> tuple[np.ndarray, n
 
 
 def read_embeddings(store: MemoryStore, rows: Any) -> np.ndarray:
-    """Embeddings of arbitrary committed rows, float32 [len(rows), e]."""
+    """Embeddings of arbitrary committed rows, float32 [len(rows), e] (or [len(rows), m, e] with windows)."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     if len(rows) and (rows.min() < 0 or rows.max() >= store.rows):
         raise StoreError(f"rows out of range: store {store.path} has rows 0..{store.rows - 1}")
@@ -195,3 +199,19 @@ def read_embeddings(store: MemoryStore, rows: Any) -> np.ndarray:
         return np.asarray(_array(store).oindex[rows].read().result(), dtype=np.float32)
     except Exception as e:
         raise StoreError(f"store {store.path}: reading embeddings failed ({_one_line(e)})") from e
+
+
+def vectors_per_row(store: MemoryStore) -> int:
+    return int((retriever_info(store) or {}).get("vectors_per_row", 1))
+
+
+def flatten_vectors(rows: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors [n', e]) for the index: ids are rows, or row * m + window with m windows per row
+    (empty window slots, all zeros, are left out)."""
+    if vectors.ndim == 2:
+        return np.asarray(rows, dtype=np.int64), vectors
+    n, m, dim = vectors.shape
+    ids = (np.asarray(rows, dtype=np.int64)[:, None] * m + np.arange(m)[None, :]).reshape(-1)
+    flat = vectors.reshape(n * m, dim)
+    keep = np.any(flat != 0, axis=1)
+    return ids[keep], flat[keep]

@@ -173,7 +173,7 @@ def train_index(factory: str, sample: np.ndarray, rows: int) -> faiss.Index:
             raise RetrievalError(f"training factory {factory!r} on {len(sample)} vectors failed "
                                  f"({_faiss_message(e)}): use a smaller factory or --factory auto") from e
     if not _is_ivf(index) and not isinstance(faiss.downcast_index(index), faiss.IndexIDMap):
-        index = faiss.IndexIDMap(index) if _can_merge_codes(index) else index
+        index = faiss.IndexIDMap(index)  # ids = store rows (or row * m + window) for every kind of index
     return index
 
 
@@ -210,16 +210,8 @@ def deserialize(data: bytes) -> faiss.Index:
 
 
 def add_rows(index: faiss.Index, rows: np.ndarray, vectors: np.ndarray) -> None:
-    """Add vectors with their store rows as ids (plain add where the index keeps insertion order as ids)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    if is_mergeable(index):
-        index.add_with_ids(vectors, rows)
-        return
-    if index.ntotal != int(rows[0]) or not np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
-        raise RetrievalError("this factory keeps insertion order as ids: shards must be added in row order "
-                             "with every shard's embeddings committed")
-    index.add(vectors)
+    """Add vectors with their ids (store rows, or row * m + window)."""
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(rows, dtype=np.int64))
 
 
 def merge_parts(trained: faiss.Index, parts) -> faiss.Index:
@@ -346,7 +338,7 @@ def load_index(store: MemoryStore) -> faiss.Index:
     if cached is not None:
         return cached
     info = index_info(store)
-    key = (store.path, info.get("built_at"), info.get("bytes"))
+    key = (store.path, info.get("built_at"), info.get("bytes"), info.get("factory"), info.get("build_seconds"))
     if key in _LOADED:  # one copy per process: the driver and in-process workers share it
         store._faiss_index = _LOADED[key]
         return store._faiss_index
@@ -398,7 +390,8 @@ def load_query_encoder(store: MemoryStore, retriever: str | None = None):
                                       f"embeddings, not memory-mean: drop --retriever or rebuild the index")
         config = RetrieverConfig(name=retriever or recorded.get("checkpoint"),
                                  pooling=recorded.get("pooling", "auto"), max_length=recorded.get("max_length"),
-                                 template=recorded.get("template", "{title}: {text}"))
+                                 template=recorded.get("template", "{title}: {text}"),
+                                 window_words=int(recorded.get("window_words") or 0))
         embedder = config.load_text_embedder()
     if embedder.fingerprint != recorded.get("fingerprint"):
         raise FingerprintMismatch(
@@ -417,7 +410,7 @@ def search_store(store: MemoryStore, queries, k: int = 10, *, nprobe: int | None
     info = index_info(store)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise RetrievalError(f"k must be a positive integer, got {k!r}")
-    ntotal = int(info.get("ntotal", 0))
+    ntotal = int(info.get("rows", info.get("ntotal", 0)))
     if k > ntotal:
         raise RetrievalError(f"k={k} is larger than the {ntotal} rows in the index of store {store.path}: "
                              f"ask for at most {ntotal}")
@@ -440,8 +433,31 @@ def search_store(store: MemoryStore, queries, k: int = 10, *, nprobe: int | None
     set_search_params(index, params)
     if len(vectors) == 0:
         return SearchResult(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
-    scores, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), int(k))
-    return SearchResult(scores.astype(np.float32), rows.astype(np.int64))
+    per_row = int(info.get("vectors_per_row", 1))
+    wanted = int(k) if per_row == 1 else min(int(info["ntotal"]), int(k) * per_row)
+    scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), wanted)
+    if per_row == 1:
+        return SearchResult(scores.astype(np.float32), ids.astype(np.int64))
+    return collapse_windows(scores, ids, per_row, int(k))
+
+
+def collapse_windows(scores: np.ndarray, ids: np.ndarray, per_row: int, k: int) -> SearchResult:
+    """Window hits -> the k best rows, each scored by its best window (max-sim); -1 where fewer were found."""
+    out_s = np.full((len(ids), k), -np.inf, dtype=np.float32)
+    out_r = np.full((len(ids), k), -1, dtype=np.int64)
+    for q in range(len(ids)):
+        seen: set[int] = set()
+        for score, vid in zip(scores[q], ids[q], strict=True):
+            if vid < 0:
+                break
+            row = int(vid) // per_row
+            if row in seen:
+                continue
+            out_r[q, len(seen)], out_s[q, len(seen)] = row, score
+            seen.add(row)
+            if len(seen) == k:
+                break
+    return SearchResult(out_s, out_r)
 
 
 def _as_query_vectors(queries, dim: int, path: str) -> np.ndarray:
