@@ -55,9 +55,14 @@ def train_lumen_command(checkpoint, store, questions, neighbors, out, eval_quest
 @click.option("-k", "k", default=4, show_default=True, help="Retrieved passages per question.")
 @click.option("--live-fraction", default=0.5, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def lumen_demo_command(workdir, plays, steps, k, live_fraction, seed):
+@click.option("--threads", default=1, show_default=True,
+              help="torch intra-op threads (1: a tiny model on a shared CPU runs fastest on one).")
+def lumen_demo_command(workdir, plays, steps, k, live_fraction, seed, threads):
     """Train a small random-T5 LUMEN on Shakespeare "which play has this line" questions, with and without retrieval."""
+    import torch
     from premem.jobs.lumen_demo import run_lumen_demo
+
+    torch.set_num_threads(threads)
 
     summary = run_job(run_lumen_demo, workdir, plays=plays, steps=steps, k=k, live_fraction=live_fraction, seed=seed,
                       log=click.echo)
