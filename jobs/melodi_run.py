@@ -66,7 +66,19 @@ def run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_pe
     """Documents -> long-term memory store (one Beam element = one shard of documents); returns the summary.
 
     Rerunning on the same store skips committed shards; the store refuses another checkpoint or other inputs.
+    The job holds the store's writer lease while it runs: a second compress job of the same store is refused.
     """
+    from premem.storage.lease import StoreLease
+
+    with StoreLease(store_path, job="premem compress"):
+        return _run_compress(inputs, store_path, checkpoint, docs_per_shard=docs_per_shard,
+                             docs_per_batch=docs_per_batch, dtype=dtype, end_state=end_state, device=device,
+                             fields=fields, max_doc_chars=max_doc_chars, pipeline_args=pipeline_args)
+
+
+def _run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_per_shard: int, docs_per_batch: int,
+                  dtype: str, end_state: bool, device: str, fields: FieldNames | None, max_doc_chars: int,
+                  pipeline_args: list[str] | None) -> dict:
     from premem.models.melodi_ckpt import load_checkpoint
     from premem.pipeline.compress import CompressConfig, CompressDocuments
     from premem.storage.longterm import LongTermStore
