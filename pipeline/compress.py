@@ -29,13 +29,15 @@ class CompressConfig:
 @torch.inference_mode()
 def compress_documents(
     model: MelodiLM, docs: list[torch.Tensor], *, docs_per_batch: int = 8, end_state: bool = True,
-    pad_id: int = 0,
+    pad_id: int = 0, segment_windows: int = 8,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """Yields (document index, increments [n_windows, L, d], z after the last window [num_layers, S, d] or None).
 
-    Documents run side by side, longest first, window by window from a zero state; a row leaves the batch after
-    its last window, so every document sees only its own windows. The last window of a document whose length is
-    not a multiple of W is padded with `pad_id`. end_state=False runs only the layers up to the long-term layer.
+    Documents run side by side, longest first, from a zero state, up to `segment_windows` windows per call; a
+    call never runs past the last window of the shortest document still in the batch, which then leaves the
+    batch, so every document sees only its own windows and its end state is taken right after its last window.
+    The last window of a document whose length is not a multiple of W is padded with `pad_id`.
+    end_state=False runs only the layers up to the long-term layer.
     """
     c = model.config
     device = next(model.parameters()).device
@@ -51,15 +53,18 @@ def compress_documents(
         tokens = tokens.to(device)
         state = model.initial_state(len(idx))
         incs: list[list[torch.Tensor]] = [[] for _ in idx]
-        for w in range(n_windows[0]):
+        w = 0
+        while w < n_windows[0]:
             active = sum(n > w for n in n_windows)  # a prefix: rows are sorted by length
+            stop = min(n_windows[active - 1], w + segment_windows)
             state = MelodiState(state.z[:, :active], state.fifo[:active], state.n_valid[:active])
-            inc, state = model.advance(tokens[:active, w * c.W:(w + 1) * c.W], state, full_state=end_state)
+            inc, state = model.advance(tokens[:active, w * c.W:stop * c.W], state, full_state=end_state)
             for b in range(active):
-                incs[b].append(inc[b, 0])
-                if n_windows[b] == w + 1:
-                    yield idx[b], torch.stack(incs[b]).cpu(), state.z[:, b].cpu() if end_state else None
+                incs[b].append(inc[b])
+                if n_windows[b] == stop:
+                    yield idx[b], torch.cat(incs[b]).cpu(), state.z[:, b].cpu() if end_state else None
                     incs[b] = []
+            w = stop
 
 
 def plan_shards(keys: list[tuple[int, int, str]], docs_per_shard: int) -> list[list[str]]:

@@ -243,3 +243,14 @@ def test_cli_compress_and_errors(compressed, tmp_path):
     res = runner.invoke(main, ["compress", str(root / "docs.jsonl"), "--store", str(tmp_path / "u"), "--checkpoint",
                                str(tmp_path / "no-lt")])
     assert res.exit_code == 2 and "has no long-term memory" in res.output
+
+
+def test_compress_documents_segment_lengths_agree():
+    torch.manual_seed(2)
+    model = MelodiLM(tiny_config()).eval()
+    docs = [torch.randint(1, 257, (n,)) for n in (70, 9, 41, 24)]
+    ref = {i: (x, z) for i, x, z in compress_documents(model, docs, docs_per_batch=4, segment_windows=1)}
+    for seg in (3, 16):
+        got = {i: (x, z) for i, x, z in compress_documents(model, docs, docs_per_batch=3, segment_windows=seg)}
+        for i in ref:
+            assert torch.allclose(ref[i][0], got[i][0], atol=ATOL) and torch.allclose(ref[i][1], got[i][1], atol=ATOL)
