@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import tensorstore as ts
-from premem.storage.store import StoreError, _check_not_a_file, _one_line, _open_kv, normalize_path
+from premem.storage.store import (
+    StoreError,
+    _check_not_a_file,
+    _one_line,
+    _open_kv,
+    _write_failure_fix,
+    _write_failure_hint,
+    normalize_path,
+)
 
 LEASE_KEY = "locks/writer.json"
 DEFAULT_TTL = 60.0
@@ -219,7 +227,10 @@ class StoreLease:
         try:
             return self._kv.write(LEASE_KEY, value, if_equal=if_equal).result().generation
         except Exception as e:
-            raise StoreError(f"cannot write {LEASE_KEY} of store {self.path} ({_one_line(e)})") from e
+            raise StoreError(
+                f"cannot write {LEASE_KEY} of store {self.path}{_write_failure_hint(e)} ({_one_line(e)}): "
+                f"{_write_failure_fix(e)}"
+            ) from e
 
     # --- heartbeat ---------------------------------------------------------------------------------
 

@@ -157,3 +157,15 @@ def test_two_concurrent_encode_jobs(tmp_path):
     assert f"pid {first.pid}" in line and "--force-unlock" in line and len(line.splitlines()) == 1
     assert verify_store(store).ok
     assert fault.committed(store) == MemoryStore.open(str(store)).num_shards
+
+
+def test_index_and_compress_jobs_take_the_lease_first(tmp_path):
+    from premem.jobs.melodi_run import run_compress
+    from premem.pipeline.index import build_index
+
+    store = tmp_path / "s"
+    with StoreLease(store, job="premem encode"):
+        with pytest.raises(LeaseHeld, match=r"being written by another job: premem encode on host"):
+            build_index(str(store))
+        with pytest.raises(LeaseHeld, match=r"being written by another job: premem encode on host"):
+            run_compress([str(tmp_path / "docs.jsonl")], str(store), str(tmp_path / "ckpt"))
