@@ -315,23 +315,23 @@ def test_shard_parts_hold_their_rows(store_path):
 def test_window_vectors_find_lines_and_score_rows_by_their_best_window(store_path, play_texts, shards, minilm_path,
                                                                        tmp_path):
     path = _store_without_embeddings(store_path, tmp_path)
-    config = RetrieverConfig("minilm", window_words=16)
+    config = RetrieverConfig("minilm", window_words=24)
     run_encode(str(shards), str(path), EncoderConfig(str(minilm_path), **ENCODER), retriever=config)
     store = MemoryStore.open(str(path))
     info = store.manifest["retriever"]
-    assert (info["window_words"], info["vectors_per_row"]) == (16, 12)
+    assert (info["window_words"], info["vectors_per_row"]) == (24, 8)
     rows, vectors = read_shard_embeddings(store, 0)
-    assert vectors.shape == (16, 12, 384)
+    assert vectors.shape == (16, 8, 384)
     embedder = config.load_text_embedder()
     meta = store.read_metadata([3]).to_pylist()[0]
     texts = embedder.passage_texts(meta["title"], meta["text"])
     np.testing.assert_allclose(vectors[3, :len(texts)], embedder.embed(texts), atol=1e-5)
     record = build_index(str(path), IndexConfig(factory="IVF4,Flat"))
-    assert record["rows"] == store.rows and store.rows < record["ntotal"] <= 12 * store.rows
+    assert record["rows"] == store.rows and store.rows < record["ntotal"] <= 8 * store.rows
     store = MemoryStore.open(str(path))
     pairs = _lines_and_passages(play_texts, store)
     random.Random(0).shuffle(pairs)
-    result = store.search([line for line, _ in pairs[:200]], 10)
+    result = store.search([line for line, _ in pairs[:150]], 10)
     assert all(len(set(found)) == 10 for found in result.rows.tolist())  # rows, not windows
     assert np.all(np.diff(result.scores, axis=1) <= 0)
     hits = np.mean([row in found for (_, row), found in zip(pairs, result.rows.tolist(), strict=False)])
