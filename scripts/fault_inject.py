@@ -142,14 +142,24 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clean-store", type=Path, default=None,
+                    help="compare with this store (made, or still being made, by another `premem encode` of the same "
+                         "shards) instead of running the clean encode first; the kill loop then runs alongside it")
+    ap.add_argument("--time-scale", type=float, default=None,
+                    help="seconds an uninterrupted encode takes (kill moments are drawn from it); with --clean-store")
+    ap.add_argument("--continue-faulty", action="store_true",
+                    help="keep killing and resuming an existing faulty store of an interrupted earlier invocation")
     ap.add_argument("beam_args", nargs="*", help="passed to premem encode, e.g. --direct_num_workers=2")
     args = ap.parse_args()
     from premem.jobs.sample import write_plays_jsonl
 
     work = args.workdir
-    for sub in ("clean", "faulty"):
-        if (work / sub).exists():
-            raise SystemExit(f"{work / sub} exists: use a fresh --workdir")
+    clean = args.clean_store or work / "clean"
+    if args.clean_store is not None and not args.time_scale:
+        raise SystemExit("--clean-store needs --time-scale")
+    for path in ([] if args.clean_store else [clean]) + ([] if args.continue_faulty else [work / "faulty"]):
+        if path.exists():
+            raise SystemExit(f"{path} exists: use a fresh --workdir")
     t_all = time.perf_counter()
     corpus = write_plays_jsonl(work / "plays.jsonl", limit=args.plays)
     shards = work / "shards"
@@ -158,17 +168,25 @@ def main() -> int:
     index = json.loads((shards / "index.json").read_text())
     n = index["num_shards"]
     print(f"corpus: {len(index['inputs'])} file(s), {index['rows']} passages in {n} shards of {args.shard_size}")
-    clean_s, out = run_to_end(encode_cmd(shards, work / "clean", args.beam_args))
-    print(f"clean encode: {clean_s:.1f} s")
+    if args.clean_store is None:
+        clean_s, out = run_to_end(encode_cmd(shards, clean, args.beam_args))
+        print(f"clean encode: {clean_s:.1f} s")
+    else:
+        clean_s = args.time_scale
     t0 = time.perf_counter()
     result = kill_and_resume(shards, work / "faulty", n, clean_s, args.kills, random.Random(args.seed), args.beam_args)
     faulty_s = time.perf_counter() - t0
-    diffs = compare_stores(work / "clean", work / "faulty")
+    if args.clean_store is not None:
+        while (clean / "locks" / "writer.json").exists() or not (clean / "manifest.json").exists():
+            time.sleep(5)  # the other encode is still writing the clean store
+        m = json.loads((clean / "manifest.json").read_text())
+        print(f"clean store {clean}: created {m['created_at']}, finalized {m.get('finalized_at')}")
+    diffs = compare_stores(clean, work / "faulty")
     verify = subprocess.run(premem("verify", work / "faulty"), capture_output=True, text=True)
     print(f"killed {result['kills']} times; killed + resumed runs took {faulty_s:.1f} s in all "
           f"(clean run {clean_s:.1f} s); whole script {time.perf_counter() - t_all:.1f} s")
     print("verify: " + (verify.stdout.strip().splitlines() or ["?"])[-1])
-    arrays = ", ".join(sorted(p.parent.name for p in (work / "clean").glob("*/zarr.json")))
+    arrays = ", ".join(sorted(p.parent.name for p in clean.glob("*/zarr.json")))
     print(f"arrays identical to the clean run ({arrays} byte for byte; meta/ and commit markers equal)" if not diffs
           else "DIFFERENT: " + "; ".join(diffs))
     return 0 if not diffs and verify.returncode == 0 and result["kills"] >= args.kills else 1

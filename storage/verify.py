@@ -230,9 +230,16 @@ def verify_memory_store(path: str, manifest: dict, report: VerifyReport,
     if manifest.get("complete") and report.uncommitted_shards:
         report.add("manifest", f"manifest.json says complete but {len(report.uncommitted_shards)} shards are not "
                                f"committed", key=MANIFEST)
+    recorded = [m for m in manifest.get("shards") or [] if int(m.get("shard", -1)) in set(committed)]
+    if manifest.get("shards"):  # finalized: its totals must add up over the markers it lists
+        for k in ("passages", "tokens"):
+            total = sum(int(m.get(k, 0)) for m in manifest["shards"])
+            if int(manifest.get(k, total)) != total:
+                report.add("manifest", f"{k}={manifest.get(k)} but its listed shards hold {total}", key=MANIFEST)
     encoded_by_premem = bool((manifest.get("extra") or {}).get("shards_dir"))
     for i, s in enumerate(committed):
-        _check_shard(store, s, report, need_meta=encoded_by_premem)
+        _check_shard(store, s, report, need_meta=encoded_by_premem,
+                     recorded=next((m for m in recorded if int(m["shard"]) == s), None))
         if progress is not None:
             progress(i + 1, len(committed))
     return {"memory", "lengths"}
@@ -262,7 +269,8 @@ def _check_arrays(store: MemoryStore, report: VerifyReport) -> bool:
     return ok
 
 
-def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta: bool) -> None:
+def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta: bool,
+                 recorded: dict | None = None) -> None:
     rng = store.shard_rows(s)
     rows = np.arange(rng.start, rng.stop)
     mem_key = f"memory/c/{s}/0/0"
@@ -274,6 +282,9 @@ def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta:
     if marker is not None:
         expect = {"shard": s, "start": rng.start, "stop": rng.stop, "fingerprint": store.fingerprint}
         diff = [f"{k}={marker.get(k)!r} (expected {v!r})" for k, v in expect.items() if marker.get(k) != v]
+        if recorded is not None:  # the copy manifest.json took when it was finalized
+            diff += [f"{k}={marker.get(k)!r} (manifest.json: {recorded.get(k)!r})" for k in ("passages", "tokens")
+                     if marker.get(k) != recorded.get(k)]
         if diff:
             report.add("structure", f"commit marker disagrees with the manifest: {', '.join(diff)}", shard=s,
                        key=_marker_key(s))

@@ -107,8 +107,11 @@ def test_each_kind_of_damage_is_named(store):
     lengths_error = rf"store {store} is corrupt: the lengths of rows 8\.\.11 \(shard 2, lengths/c/2\)"
     with pytest.raises(StoreError, match=lengths_error):
         MemoryStore.open(str(store)).read([9])
-    # a lost commit marker of a shard the manifest lists as committed
+    # a lost commit marker of a shard the manifest lists as committed, and totals that do not add up
     (store / "commits" / "shard-00000.json").unlink()
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["tokens"] += 1
+    (store / "manifest.json").write_text(json.dumps(manifest))
     # metadata that disagrees with the stored lengths
     meta_path = store / "meta" / "shard-00001.parquet"
     table = pq.read_table(meta_path)
@@ -131,6 +134,8 @@ def test_each_kind_of_damage_is_named(store):
     assert any(x.startswith("[checksum] shard 2; rows 8, 9, 10, 11; lengths/c/2: the lengths chunk fails")
                for x in lines)
     assert any(x.startswith("[manifest] shard 0; commits/shard-00000.json: listed as committed") for x in lines)
+    tokens = manifest["tokens"]
+    assert f"[manifest] manifest.json: tokens={tokens} but its listed shards hold {tokens - 1}" in lines
     assert any(x.startswith("[lengths] shard 1; rows 4, 5, 6, 7; lengths/c/1: stored lengths differ from the "
                             "passage metadata") for x in lines)
     assert any(x.startswith("[checksum] shard 3; rows 12, 13, 14, 15; extra/: extra rows 12..15 fails its checksum")
