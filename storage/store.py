@@ -8,6 +8,7 @@ Layout of one store (a local directory or a ``gs://bucket/prefix``)::
     lengths/                      Zarr v3 int32 [rows], one chunk per corpus shard
     commits/shard-00000.json      commit marker, written after the shard's data is durable
     meta/shard-00000.parquet      optional per-passage metadata (row, doc_id, passage, title, text, length)
+    locks/writer.json             the writer lease of the job writing the store (storage/lease.py)
 
 Every corpus shard is written by exactly one ``ShardWriter`` (one worker) inside one TensorStore
 transaction, so the shard's files are written once, at commit; the marker is written afterwards.
