@@ -16,7 +16,8 @@ from premem.jobs.clitools import BEAM_ARGS, run_job
 @click.option("--on-disk", is_flag=True, help="IVF only, local store: merge the inverted lists into one "
                                               "memory-mapped file instead of RAM.")
 @click.option("--target-recall", default=0.95, show_default=True,
-              help="nprobe / efSearch defaults are tuned to this recall@10 against exact search.")
+              help="nprobe / efSearch defaults are tuned to this recall@10 against exact search (one pass over "
+                   "the embeddings); 0 skips tuning (nprobe = nlist/64).")
 @click.pass_context
 def index(ctx, store, factory, max_memory, train_size, on_disk, target_recall):
     """Build the faiss index of STORE's retrieval embeddings (trained on a sample, added shard by shard)."""
@@ -32,8 +33,9 @@ def index(ctx, store, factory, max_memory, train_size, on_disk, target_recall):
     click.echo(f"trained:  on {record['train_size']} sampled vectors in {record['train_seconds']:.1f} s; "
                f"{record['shards']} shards added in {record['add_seconds']:.1f} s, merged in "
                f"{record['merge_seconds']:.1f} s; total {record['build_seconds']:.1f} s")
-    click.echo(f"search:   defaults {params} (recall@{record['tuned_k']} {record['tuned_recall_at_k']:.3f} against "
-               f"exact search on stored vectors)")
+    tuned = (f" (recall@{record['tuned_k']} {record['tuned_recall_at_k']:.3f} against exact search on stored "
+             f"vectors)") if record["tuned_recall_at_k"] is not None else " (not tuned)"
+    click.echo(f"search:   defaults {params}{tuned}")
 
 
 @click.command()

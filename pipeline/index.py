@@ -75,11 +75,11 @@ class AddShardsToIndex(beam.PTransform):
         return shards | "Spread" >> beam.Reshuffle() | "AddShard" >> beam.ParDo(AddShardFn(self.store_path))
 
 
-def _sample_rows(shards: list[int], store: MemoryStore, size: int, seed: int) -> np.ndarray:
-    rows = np.concatenate([np.arange(r.start, r.stop) for r in (store.shard_rows(s) for s in shards)])
-    if size >= len(rows):
-        return rows
-    return np.sort(np.random.default_rng(seed).choice(rows, size=size, replace=False))
+def _sample_rows(store: MemoryStore, size: int, seed: int) -> np.ndarray:
+    """Sorted uniform sample of rows (every shard's embeddings are committed: build_index checks)."""
+    if size >= store.rows:
+        return np.arange(store.rows)
+    return np.sort(np.random.default_rng(seed).choice(store.rows, size=size, replace=False))
 
 
 def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_args: list[str] | None = None,
@@ -118,7 +118,7 @@ def _build_index(store_path: str, config: IndexConfig, pipeline_args: list[str] 
     log(f"factory {factory} for {rows} vectors of dim {dim}; training on {train_size} sampled vectors")
 
     t0 = time.perf_counter()
-    sampled = _sample_rows(shards, store, -(-train_size // per_row), config.seed)
+    sampled = _sample_rows(store, -(-train_size // per_row), config.seed)
     sample = flatten_vectors(sampled, read_embeddings(store, sampled))[1][:train_size] if train_size else \
         np.zeros((0, dim), np.float32)
     trained = fx.train_index(factory, sample, rows)
@@ -150,11 +150,12 @@ def _build_index(store_path: str, config: IndexConfig, pipeline_args: list[str] 
                                 f"`premem index {store.path}`")
 
     t0 = time.perf_counter()
-    queries = sample[: config.tune_queries] if len(sample) else \
-        flatten_vectors(np.arange(min(store.rows, 256)), read_embeddings(store, np.arange(min(store.rows, 256))))[1]
-    k = min(10, int(index.ntotal))
-    _, exact_rows = fx.exact_top_k(queries, (flatten_vectors(*read_shard_embeddings(store, s)) for s in shards), k)
-    params = fx.tune_search_params(index, queries, exact_rows, k, config.target_recall)
+    if config.target_recall <= 0:  # no tuning pass (it streams every embedding once): nprobe = nlist / 64
+        params = {"nprobe": max(1, faiss.extract_index_ivf(index).nlist // 64)} if fx._is_ivf(index) else {}
+        fx.set_search_params(index, params)
+        params.update(tuned_recall_at_k=None, tuned_k=None)
+    else:
+        params = _tune(store, index, sample, shards, config)
     tune_seconds = time.perf_counter() - t0
     log(f"search defaults {params}")
 
@@ -200,6 +201,15 @@ def _build_index(store_path: str, config: IndexConfig, pipeline_args: list[str] 
     }
     _write_manifest_key(store, "index", record)
     return record
+
+
+def _tune(store: MemoryStore, index: faiss.Index, sample: np.ndarray, shards: list[int], config: IndexConfig) -> dict:
+    """nprobe / efSearch for the target recall@10 against exact search (one streamed pass over the embeddings)."""
+    queries = sample[: config.tune_queries] if len(sample) else \
+        flatten_vectors(np.arange(min(store.rows, 256)), read_embeddings(store, np.arange(min(store.rows, 256))))[1]
+    k = min(10, int(index.ntotal))
+    _, exact_rows = fx.exact_top_k(queries, (flatten_vectors(*read_shard_embeddings(store, s)) for s in shards), k)
+    return fx.tune_search_params(index, queries, exact_rows, k, config.target_recall)
 
 
 def faiss_key_range(key: str):
