@@ -107,7 +107,7 @@ class MelodiConfig:
         return ["base", "S192+L32", "S128+L64", "S192+L96", "no-long-term", "no-branching"]
 
     @classmethod
-    def named(cls, name: str, **overrides: Any) -> "MelodiConfig":
+    def named(cls, name: str, **overrides: Any) -> MelodiConfig:
         """The paper's settings. "base" is S192+L32 (12x1024, 8 heads, FFN 4096, W=512, Q_max=128, layer 6);
         "S<n>+L<m>" sets S = Su = n and L = m (L0 switches the long-term memory off); "no-long-term" and
         "no-branching" are the base model with the ablation switch off. Keyword overrides are applied last."""
@@ -138,7 +138,7 @@ class MelodiConfig:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "MelodiConfig":
+    def from_json(cls, text_or_path: str | Path) -> MelodiConfig:
         """From a JSON string or a path to a JSON file. Unknown keys are an error."""
         s = str(text_or_path)
         text = s if s.lstrip().startswith("{") else Path(s).read_text()
@@ -149,7 +149,7 @@ class MelodiConfig:
             raise ValueError(f"unknown MelodiConfig keys: {sorted(unknown)}")
         return cls(**data)
 
-    def memory_accounting(self) -> "MemoryAccount":
+    def memory_accounting(self) -> MemoryAccount:
         return memory_accounting(
             "melodi" if self.long_term_enabled else "melodi-short",
             num_layers=self.num_layers, d_model=self.d_model, W=self.W, S=self.S, L=self.L, Q_max=self.Q_max,
@@ -225,7 +225,7 @@ class MelodiState:
     n_valid: Tensor
 
     @classmethod
-    def zeros(cls, config: MelodiConfig, batch_size: int, device: Any = None, dtype: Any = None) -> "MelodiState":
+    def zeros(cls, config: MelodiConfig, batch_size: int, device: Any = None, dtype: Any = None) -> MelodiState:
         dtype = dtype or torch.get_default_dtype()
         c = config
         return cls(
@@ -238,15 +238,15 @@ class MelodiState:
     def batch_size(self) -> int:
         return self.fifo.shape[0]
 
-    def detach(self) -> "MelodiState":
+    def detach(self) -> MelodiState:
         return MelodiState(self.z.detach(), self.fifo.detach(), self.n_valid.detach())
 
-    def to(self, *args: Any, **kwargs: Any) -> "MelodiState":
+    def to(self, *args: Any, **kwargs: Any) -> MelodiState:
         """Like Tensor.to for z and fifo; n_valid only follows the device."""
         z, fifo = self.z.to(*args, **kwargs), self.fifo.to(*args, **kwargs)
         return MelodiState(z, fifo, self.n_valid.to(fifo.device))
 
-    def reset(self, rows: Tensor) -> "MelodiState":
+    def reset(self, rows: Tensor) -> MelodiState:
         """Zero the memories of the batch rows where `rows` (bool [B]) is True, e.g. where a new book starts."""
         keep = (~rows).to(self.fifo.dtype)
         return MelodiState(
