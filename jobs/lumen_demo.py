@@ -95,32 +95,6 @@ def write_questions(store, work: Path, *, eval_share: float = 0.2, per_passage: 
     return out
 
 
-def exact_neighbors(store, questions: Path, out: Path, k: int) -> None:
-    """The neighbours file by exact inner-product search (faiss IndexFlatIP) over the store's MiniLM embeddings.
-
-    `premem index` / `premem retrieve` do this at scale; the demo searches exactly in process because
-    `premem index --factory Flat` currently fails to merge a multi-shard store (faiss "can only merge indexes
-    of the same type"), and exact search over a few hundred passages needs no index build.
-    """
-    import faiss
-    import pyarrow as pa
-    from premem.models.retriever import RetrieverConfig
-    from premem.storage import write_neighbors
-    from premem.storage.embeddings import read_embeddings, retriever_info
-
-    info = retriever_info(store)
-    index = faiss.IndexFlatIP(int(info["dim"]))
-    index.add(np.ascontiguousarray(read_embeddings(store, np.arange(store.rows))))
-    records = [json.loads(line) for line in questions.read_text().splitlines()]
-    embedder = RetrieverConfig(name=info["checkpoint"], pooling=info["pooling"], max_length=info["max_length"],
-                               template=info["template"]).load_text_embedder()
-    scores, rows = index.search(embedder.embed([r["question"] for r in records], "question"), k)
-    table = pa.table({"question_id": [r["id"] for r in records], "question": [r["question"] for r in records],
-                      "rows": rows.tolist(), "scores": scores.tolist()})
-    write_neighbors(out, table, store=store.path, store_fingerprint=store.fingerprint,
-                    retriever_fingerprint=info["fingerprint"])
-
-
 def _names_title(words: list[str], title: str) -> bool:
     """Whether a line names its play (e.g. "Hamlet" in Hamlet): such lines would give the answer away."""
     names = {w.lower() for w in title.split()} - {"and", "the", "of"}
@@ -154,6 +128,8 @@ def run_lumen_demo(workdir: str, *, plays: int = 8, words_per_play: int = 4000, 
     from premem.jobs.run import run_encode, run_shard
     from premem.models.retriever import RetrieverConfig
     from premem.pipeline.encode import EncoderConfig
+    from premem.pipeline.index import IndexConfig, build_index
+    from premem.pipeline.retrieve import RetrieveConfig, retrieve
     from premem.pipeline.shard import ShardConfig
     from premem.storage import MemoryStore
 
@@ -168,14 +144,15 @@ def run_lumen_demo(workdir: str, *, plays: int = 8, words_per_play: int = 4000, 
     run_encode(str(shards), str(store_path), EncoderConfig(str(checkpoint), live_fraction=live_fraction,
                                                            compute_dtype="float32"),
                retriever=RetrieverConfig())
+    build_index(str(store_path), IndexConfig(factory="Flat"))  # exact search: a few hundred passages
     store = MemoryStore.open(str(store_path))
     log(f"store {store_path}: {store.rows} passages, memory of layers [0, {store.encoder['memory_layers']}) "
-        f"of {store.encoder['num_layers']}, {store.dtype}, MiniLM retrieval embeddings")
+        f"of {store.encoder['num_layers']}, {store.dtype}; MiniLM embeddings, faiss Flat index")
     files = write_questions(store, work, seed=seed)
     neighbors = {}
     for name, path in files.items():
         neighbors[name] = work / f"{name}-neighbors.parquet"
-        exact_neighbors(store, path, neighbors[name], k)
+        retrieve(str(store_path), str(path), str(neighbors[name]), RetrieveConfig(k=k))
     hits = retrieval_hits(files["eval"], neighbors["eval"], store)
     log(f"retrieval on eval questions: source passage in top-{k} {hits['source_passage_in_top_k']:.1%}, "
         f"play in top-{k} {hits['play_in_top_k']:.1%}, top-1 passage from the right play {hits['top1_play']:.1%}")
