@@ -184,7 +184,8 @@ def main() -> int:
     diffs = compare_stores(clean, work / "faulty")
     verify = subprocess.run(premem("verify", work / "faulty"), capture_output=True, text=True)
     print(f"killed {result['kills']} times; killed + resumed runs took {faulty_s:.1f} s in all "
-          f"(clean run {clean_s:.1f} s); whole script {time.perf_counter() - t_all:.1f} s")
+          f"({'clean run' if args.clean_store is None else 'time scale'} {clean_s:.1f} s); whole script "
+          f"{time.perf_counter() - t_all:.1f} s")
     print("verify: " + (verify.stdout.strip().splitlines() or ["?"])[-1])
     arrays = ", ".join(sorted(p.parent.name for p in clean.glob("*/zarr.json")))
     print(f"arrays identical to the clean run ({arrays} byte for byte; meta/ and commit markers equal)" if not diffs
