@@ -149,7 +149,10 @@ def _discard_bad_shards(store) -> list[int]:
     for shard in bad:  # the whole shard is redone: memory, lengths, metadata and its retrieval embeddings
         store.discard_shard(shard)
         for key in (f"embedding-commits/shard-{shard:05d}.json", f"embeddings/c/{shard}/0"):
-            store._kv.write(key, None).result()
+            try:
+                store._kv.write(key, None).result()
+            except Exception as err:
+                raise JobError(f"--repair: cannot delete {key} of store {store.path} ({err})") from err
     return bad
 
 
