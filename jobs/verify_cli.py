@@ -54,8 +54,9 @@ def verify(store, sample, seed, device, as_json):
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
         sys.exit(0 if report.ok else 1)
     click.echo(f"store:    {report.path} ({report.kind})")
-    click.echo(f"checked:  {len(report.committed_shards)}/{report.num_shards} committed shards, {report.checked_rows} "
-               f"rows, {report.checked_chunks} chunks decoded and checksummed, arrays "
+    shards = (f"{len(report.committed_shards)}/{report.num_shards} committed shards, {report.checked_rows} rows, "
+              if report.num_shards else "")  # kinds without a specific verifier: their arrays only
+    click.echo(f"checked:  {shards}{report.checked_chunks} chunks decoded and checksummed, arrays "
                f"{', '.join(report.checked_arrays)} in {report.seconds:.1f} s")
     if report.sample is not None:
         s = report.sample
