@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from premem.jobs.melodi_run import run_compress
 from premem.jobs.sample import write_plays_jsonl
 from premem.models.melodi import MelodiConfig, MelodiLM

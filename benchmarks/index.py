@@ -59,6 +59,7 @@ def token_vectors(count: int) -> np.ndarray:
     if cached.exists():
         return np.load(cached)
     import torch
+
     from premem.models.retriever import RetrieverConfig
 
     embedder = RetrieverConfig("minilm").load_text_embedder()
@@ -165,7 +166,7 @@ def bench_ann(args) -> None:
 
 def bench_lines(args) -> None:
     from premem.jobs.run import run_encode, run_shard
-    from premem.jobs.sample import shakespeare_texts, write_plays_jsonl
+    from premem.jobs.sample import lines_in_passages, write_plays_jsonl
     from premem.models.retriever import RetrieverConfig
     from premem.pipeline.encode import EncoderConfig
     from premem.pipeline.index import IndexConfig, build_index
@@ -188,18 +189,7 @@ def bench_lines(args) -> None:
           f"(built in {time.perf_counter() - t0:.0f} s, shards + memory K=1 + MiniLM embeddings + index)")
     meta = store.read_metadata(np.arange(store.rows)).to_pylist()
     row_of = {(m["doc_id"], m["passage"]): m["row"] for m in meta}
-    pairs = []
-    texts = shakespeare_texts()
-    for record in map(json.loads, corpus.read_text().splitlines()):
-        position = 0
-        for line in record["text"].splitlines():
-            words = line.split()
-            start, position = position, position + len(words)
-            if len(words) >= 6 and start // 100 == (position - 1) // 100:
-                pairs.append((" ".join(words), row_of[(record["id"], start // 100)]))
-    del texts
-    random.Random(0).shuffle(pairs)
-    pairs = pairs[:args.sample]
+    pairs = lines_in_passages(corpus, row_of, count=args.sample)
     t0 = time.perf_counter()
     result = store.search([line for line, _ in pairs], 10)
     seconds = time.perf_counter() - t0

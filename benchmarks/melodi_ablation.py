@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from premem.jobs.melodi_cli import SMALL
 from premem.jobs.melodi_run import run_train_melodi
 from premem.jobs.sample import write_plays_jsonl

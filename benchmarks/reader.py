@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+
 from premem.storage import MemoryStore, write_neighbors
 from premem.storage.reader import LumenDataset, Prefetcher, make_loader
 

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import click
+
 from premem.jobs.clitools import BEAM_ARGS, ProgressBar, run_job, split_beam_args
 from premem.models import DEFAULT_TEMPLATE
 from premem.pipeline.read import FieldNames
@@ -163,10 +164,16 @@ def _echo_summary(s: dict) -> None:
 @click.option("--workdir", default="out/demo", show_default=True, help="Where the corpus, shards and store go.")
 @click.option("--plays", type=int, default=None, help="Only the first N plays (default: all 37).")
 @click.option("--memory-layers", "-k", default=4, show_default=True)
+@click.option("--window-words", default=16, show_default=True,
+              help="Retrieval vectors per window of this many words (0: one per passage).")
+@click.option("--lines", default=300, show_default=True, help="Random lines searched for their passage.")
 @click.pass_context
-def demo(ctx, workdir, plays, memory_layers):
-    """The embedded default: Shakespeare's plays -> shards -> MiniLM memory (K=4 of 6) -> a sample read."""
-    from premem.jobs.sample import write_plays_jsonl
+def demo(ctx, workdir, plays, memory_layers, window_words, lines):
+    """The embedded default: Shakespeare's plays -> shards -> MiniLM memory (K=4 of 6) and retrieval index -> reads."""
+    import numpy as np
+
+    from premem.jobs.retrieval_cli import index
+    from premem.jobs.sample import lines_in_passages, write_plays_jsonl
     from premem.storage import MemoryStore
 
     work = Path(workdir)
@@ -174,7 +181,8 @@ def demo(ctx, workdir, plays, memory_layers):
     click.echo(f"corpus: {corpus}")
     ctx.invoke(shard, inputs=(str(corpus),), out=str(work / "shards"), tokenizer="minilm")
     ctx.invoke(encode, shards=str(work / "shards"), store=str(work / "store"), encoder="minilm",
-               memory_layers=memory_layers)
+               memory_layers=memory_layers, retriever="minilm", retriever_window_words=window_words)
+    ctx.invoke(index, store=str(work / "store"))
     store = MemoryStore.open(str(work / "store"))
     rows = [0, store.rows // 2, store.rows - 1]
     batch = store.read(rows)
@@ -183,6 +191,15 @@ def demo(ctx, workdir, plays, memory_layers):
                f"mask {tuple(batch.mask.shape)}, lengths {batch.lengths.tolist()}")
     for record in meta:
         click.echo(f"  row {record['row']}: {record['title']} #{record['passage']}: {record['text'][:70]}...")
+
+    every = store.read_metadata(np.arange(store.rows)).to_pylist()
+    pairs = lines_in_passages(corpus, {(m["doc_id"], m["passage"]): m["row"] for m in every}, count=lines)
+    found = store.search([line for line, _ in pairs], 10).rows.tolist()
+    top10 = sum(row in hits for (_, row), hits in zip(pairs, found, strict=True))
+    click.echo(f"retrieval: {top10}/{len(pairs)} random lines ({top10 / max(len(pairs), 1):.1%}) find their own "
+               "passage in the top 10")
+    line, row = pairs[0]
+    click.echo(f'  e.g. "{line}" -> rows {found[0][:5]} (its passage: row {row})')
 
 
 # Commands of the other capabilities live in their own modules.

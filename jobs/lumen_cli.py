@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+
 from premem.jobs.clitools import run_job
 
 
@@ -60,6 +61,7 @@ def train_lumen_command(checkpoint, store, questions, neighbors, out, eval_quest
 def lumen_demo_command(workdir, plays, steps, k, live_fraction, seed, threads):
     """Train a small random-T5 LUMEN on Shakespeare "which play has this line" questions, with and without retrieval."""
     import torch
+
     from premem.jobs.lumen_demo import run_lumen_demo
 
     torch.set_num_threads(threads)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
 from premem.jobs.sample import shakespeare_texts
 from premem.jobs.train_lumen import TrainConfig, train_lumen
 

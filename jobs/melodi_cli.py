@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import click
+
 from premem.jobs.clitools import BEAM_ARGS, fail, run_job, split_beam_args
 from premem.pipeline.read import FieldNames
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+
 from premem.jobs.run import JobError, _options
 from premem.pipeline.read import Document, FieldNames, ReadDocumentsFn, Reject, expand_inputs
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+
 from premem.jobs.clitools import BEAM_ARGS, run_job
 
 

@@ -5,7 +5,7 @@ import contextlib
 import dataclasses
 import json
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -14,7 +14,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from premem.pipeline.encode import EncoderConfig, EncodeShards
 from premem.pipeline.read import expand_inputs
 from premem.pipeline.shard import INDEX_FORMAT, ShardConfig, ShardCorpus, read_index
-
 
 FAILURES_FILE = "failed-shards.jsonl"
 

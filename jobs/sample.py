@@ -58,3 +58,24 @@ def write_plays_jsonl(out: Path, texts: Path | None = None, limit: int | None = 
             record = {"id": path.stem.removesuffix("_gut"), "title": title, "text": path.read_text(encoding="utf-8")}
             handle.write(json.dumps(record) + "\n")
     return out
+
+
+def lines_in_passages(corpus: Path, row_of: dict[tuple[str, int], int], *, passage_words: int = 100,
+                      min_words: int = 6, count: int = 300, seed: int = 0) -> list[tuple[str, int]]:
+    """(line, row of the passage that holds it) for `count` random lines of >= `min_words` words.
+
+    `row_of` maps (doc_id, passage number) to a store row. Only lines that lie inside one
+    passage of `passage_words` words qualify, so each has exactly one right answer.
+    """
+    import random
+
+    pairs = []
+    for record in map(json.loads, corpus.read_text(encoding="utf-8").splitlines()):
+        position = 0
+        for line in record["text"].splitlines():
+            words = line.split()
+            start, position = position, position + len(words)
+            if len(words) >= min_words and start // passage_words == (position - 1) // passage_words:
+                pairs.append((" ".join(words), row_of[(record["id"], start // passage_words)]))
+    random.Random(seed).shuffle(pairs)
+    return pairs[:count]

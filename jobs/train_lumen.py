@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from premem.models.lumen import LumenModel
 from premem.storage import MemoryStore
 from premem.storage.reader import LumenDataset, Prefetcher, make_loader

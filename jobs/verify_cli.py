@@ -5,6 +5,7 @@ import json
 import sys
 
 import click
+
 from premem.jobs.clitools import fail, run_job
 
 

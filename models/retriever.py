@@ -43,6 +43,7 @@ class RetrieverConfig:
     template: str = DEFAULT_PASSAGE_TEMPLATE
     batch_tokens: int = 8192
     window_words: int = 0  # > 0: one vector per window of this many words (stride half of it), not per passage
+    compute_dtype: str = "float32"  # the encode pass runs it like the memory encoder (bfloat16 where native)
 
     @property
     def is_memory_mean(self) -> bool:
@@ -54,15 +55,15 @@ class RetrieverConfig:
         local = resolve_checkpoint(self.name)
         stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(local.iterdir()) if f.is_file())
         return _cached_embedder(self.name, self.pooling, self.max_length, self.template, self.window_words, device,
-                                stamp)
+                                self.compute_dtype, stamp)
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_embedder(name: str, pooling: str, max_length: int | None, template: str, window_words: int, device: str,
-                     _stamp: tuple) -> TextEmbedder:
+                     compute_dtype: str, _stamp: tuple) -> TextEmbedder:
     """One loaded retriever per process and checkpoint state (the driver and in-process workers share it)."""
     return TextEmbedder.from_pretrained(name, pooling=pooling, max_length=max_length, template=template,
-                                        window_words=window_words, device=device)
+                                        window_words=window_words, device=device, compute_dtype=compute_dtype)
 
 
 def window_starts(words: int, window_words: int) -> list[int]:
@@ -120,7 +121,8 @@ class TextEmbedder:
     """A sentence-embedding checkpoint (BERT or T5 encoder): texts -> pooled, L2-normalised float32 vectors."""
 
     def __init__(self, model, tokenizer, *, checkpoint: str, pooling: str, max_length: int, template: str,
-                 fingerprint: str, batch_tokens: int = 8192, device: str = "cpu", window_words: int = 0) -> None:
+                 fingerprint: str, batch_tokens: int = 8192, device: str = "cpu", window_words: int = 0,
+                 compute_dtype: str = "float32") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
@@ -131,12 +133,14 @@ class TextEmbedder:
         self.batch_tokens = batch_tokens
         self.device = device
         self.window_words = window_words
+        # Autocast, not a cast of the weights: the fingerprint and the fp32 query path stay the same model.
+        self.autocast = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype]
         self.dim = int(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model)
 
     @classmethod
     def from_pretrained(cls, path: str, *, pooling: str = "auto", max_length: int | None = None,
                         template: str = DEFAULT_PASSAGE_TEMPLATE, window_words: int = 0,
-                        device: str = "cpu") -> TextEmbedder:
+                        device: str = "cpu", compute_dtype: str = "float32") -> TextEmbedder:
         local = resolve_checkpoint(path)
         tokenizer = _load_tokenizer(local)
         model, _arch = _load_encoder(local)
@@ -150,7 +154,7 @@ class TextEmbedder:
                                         window_words)
         return cls(model.to(device).requires_grad_(False), tokenizer, checkpoint=path, pooling=pooling,
                    max_length=max_length, template=template, fingerprint=fingerprint, device=device,
-                   window_words=window_words)
+                   window_words=window_words, compute_dtype=compute_dtype)
 
     def render(self, title: str | None, text: str) -> str:
         """The passage as the retriever reads it (title and text; the memory encoder's template is not used)."""
@@ -172,7 +176,9 @@ class TextEmbedder:
             return out
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         pad = self.tokenizer.pad_token_id or 0
-        with torch.inference_mode():
+        autocast = torch.autocast(torch.device(self.device).type, dtype=self.autocast or torch.float32,
+                                  enabled=self.autocast is not None)
+        with torch.inference_mode(), autocast:
             for batch in _length_batches([len(i) for i in ids], self.batch_tokens):
                 longest = max(len(ids[i]) for i in batch)
                 input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
@@ -182,7 +188,7 @@ class TextEmbedder:
                     mask[j, :len(ids[i])] = 1
                 hidden = self.model(input_ids=input_ids.to(self.device),
                                     attention_mask=mask.to(self.device)).last_hidden_state
-                pooled = masked_pool(hidden, mask.to(hidden.device), self.pooling)
+                pooled = masked_pool(hidden.float(), mask.to(hidden.device), self.pooling)
                 out[batch] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         return out
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import apache_beam as beam
 import torch
 from apache_beam.utils.shared import Shared
+
 from premem.models.melodi import MelodiLM, MelodiState
 from premem.pipeline.read import Document, DropDuplicateIds, FieldNames, ReadDocuments
 

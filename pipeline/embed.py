@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import torch
+
 from premem.models.retriever import RetrieverConfig, memory_mean, memory_mean_info
 
 
@@ -24,12 +25,13 @@ class ShardEmbedder:
     routes give the same vectors.
     """
 
-    def __init__(self, config: RetrieverConfig, store, fingerprint: str, batch_rows: int = 256) -> None:
+    def __init__(self, config: RetrieverConfig, store, fingerprint: str, batch_rows: int = 256,
+                 device: str = "cpu") -> None:
         self.config = config
         self.store = store
         self.fingerprint = fingerprint
         self.batch_rows = batch_rows
-        self.text = None if config.is_memory_mean else config.load_text_embedder()
+        self.text = None if config.is_memory_mean else config.load_text_embedder(device)
         if self.text is not None and self.text.fingerprint != fingerprint:
             raise RuntimeError(f"worker loaded retriever {self.text.fingerprint[:12]} but the store expects "
                                f"{fingerprint[:12]}: the checkpoint at {config.name} changed during the job")

@@ -138,7 +138,10 @@ class EncodeShardFn(beam.DoFn):
         if self.retriever is not None:
             from premem.pipeline.embed import ShardEmbedder
 
-            self.embedder = ShardEmbedder(self.retriever, self.store, self.retriever_fingerprint)
+            # The retriever runs where and how the memory encoder runs (GPU, bf16 where native).
+            retriever = dataclasses.replace(self.retriever, compute_dtype=str(self.config.resolved_dtype()).split(".")[-1])
+            self.embedder = ShardEmbedder(retriever, self.store, self.retriever_fingerprint,
+                                          device=self.config.resolved_device())
 
     def process(self, entry: dict):
         shard = entry["shard"]

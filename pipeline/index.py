@@ -19,6 +19,7 @@ import apache_beam as beam
 import faiss
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
+
 from premem.storage import MemoryStore
 from premem.storage import faiss_index as fx
 from premem.storage.embeddings import (

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import os
 import posixpath
-from typing import Iterator
+from collections.abc import Iterator
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes

@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 import torch
+
 from premem.pipeline.encode import pad_batch, token_budget_batches
 from premem.pipeline.shard import read_index, read_shard
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
+
 from premem.storage import MemoryStore
 from premem.storage.faiss_index import RetrievalError, index_info
 from premem.storage.neighbors import SCHEMA, write_neighbors

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
+
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import tensorstore as ts
+
 from premem.storage.store import (
     FingerprintMismatch,
     MemoryStore,

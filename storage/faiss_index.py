@@ -22,6 +22,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+
 from premem.storage.store import FingerprintMismatch, MemoryStore, StoreError, _kv_read, _kv_write, _one_line
 
 INDEX_DIR = "index/"

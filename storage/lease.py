@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import tensorstore as ts
+
 from premem.storage.store import (
     StoreError,
     _check_not_a_file,

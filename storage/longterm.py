@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorstore as ts
 import torch
+
 from premem.storage.store import (
     _DTYPES,
     _MARKER_RE,

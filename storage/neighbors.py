@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from premem.storage.store import FingerprintMismatch, StoreError
 
 NEIGHBORS_FORMAT = 1

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
 from premem.storage.neighbors import Neighbors, read_neighbors
 from premem.storage.store import MemoryStore, StoreError
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 LABEL_PAD = -100  # ignored by the cross-entropy of Hugging Face seq2seq models
 

@@ -185,7 +185,7 @@ class MemoryBatch:
     lengths: torch.Tensor  # int64 [B]
     rows: torch.Tensor  # int64 [B]
 
-    def to(self, device, non_blocking: bool = False) -> "MemoryBatch":
+    def to(self, device, non_blocking: bool = False) -> MemoryBatch:
         return MemoryBatch(
             states=self.states.to(device, non_blocking=non_blocking),
             mask=self.mask.to(device, non_blocking=non_blocking),
@@ -290,7 +290,7 @@ class MemoryStore:
         encoder: dict,
         zstd_level: int = 1,
         extra: dict | None = None,
-    ) -> "MemoryStore":
+    ) -> MemoryStore:
         """Create a store (complete=False), or reopen it for resuming if it already holds the same encoder's memory."""
         path = normalize_path(path)
         _check_not_a_file(path)
@@ -318,7 +318,8 @@ class MemoryStore:
             raise StoreError(f"cannot create store {path}: {_one_line(e)}") from e
 
         mem_codecs = _memory_codecs(max_tokens, d_model, zstd_level)
-        len_codecs = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": zstd_level}}, {"name": "crc32c"}]
+        len_codecs = [{"name": "bytes", "configuration": {"endian": "little"}},
+                      {"name": "zstd", "configuration": {"level": zstd_level}}, {"name": "crc32c"}]
         try:
             ts.open(
                 {
@@ -393,7 +394,7 @@ class MemoryStore:
         return cls(path, manifest, read_only=False)
 
     @classmethod
-    def _resume(cls, path, manifest, rows, max_tokens, d_model, dtype, shard_size, fingerprint) -> "MemoryStore":
+    def _resume(cls, path, manifest, rows, max_tokens, d_model, dtype, shard_size, fingerprint) -> MemoryStore:
         _check_format(manifest, path)
         if manifest["fingerprint"] != fingerprint:
             enc = manifest.get("encoder") or {}
@@ -422,7 +423,7 @@ class MemoryStore:
         expected_fingerprint: str | None = None,
         read_only: bool = True,
         cache_bytes: int | None = None,
-    ) -> "MemoryStore":
+    ) -> MemoryStore:
         """Open an existing store (read-only by default).
 
         ``cache_bytes``: TensorStore cache of a read-only store (shard indexes + recently read passages),
@@ -618,7 +619,7 @@ class MemoryStore:
         self._lengths_cache.pop(shard, None)
         self._meta_cache.pop(shard, None)
 
-    def shard_writer(self, shard: int) -> "ShardWriter":
+    def shard_writer(self, shard: int) -> ShardWriter:
         if self.read_only:
             raise StoreError(f"store {self.path} was opened read-only: open it with read_only=False to write")
         shard = self._check_shard(shard)
@@ -861,7 +862,7 @@ class ShardWriter:
         self.tokens = 0
         self.marker: dict | None = None
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         if self._txn is not None or self._done:
             raise StoreError(f"a ShardWriter is single-use: call store.shard_writer({self.shard}) again")
         self._txn = ts.Transaction()
@@ -897,7 +898,8 @@ class ShardWriter:
         if lens.shape != (b,):
             raise StoreError(f"lengths for shard {self.shard} must have shape [{b}], got {list(lens.shape)}")
         if b and (lens.min() < 0 or lens.max() > t):
-            raise StoreError(f"lengths for shard {self.shard} must be in 0..{t} (the states' token axis), got {lens.min()}..{lens.max()}")
+            raise StoreError(f"lengths for shard {self.shard} must be in 0..{t} (the states' token axis), "
+                             f"got {lens.min()}..{lens.max()}")
         if b == 0:
             return
         # Full-width rows in ascending row order, zeros past each length, so every inner chunk is

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorstore as ts
+
 from premem.storage.store import (
     KIND,
     MANIFEST,

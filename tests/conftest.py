@@ -29,3 +29,14 @@ def minilm_path() -> Path:
     from premem.models import resolve_checkpoint
 
     return resolve_checkpoint("minilm")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a shared 2-core machine two threads spin against each other."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

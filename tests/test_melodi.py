@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from premem.models.melodi import (
     MelodiConfig,
     MelodiLM,
@@ -16,14 +17,7 @@ from premem.models.melodi import (
     t5_relative_buckets,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ATOL = 1e-5
 

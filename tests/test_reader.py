@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 from lumen_helpers import make_full_t5_checkpoint, passages, write_store
+
 from premem.storage import FingerprintMismatch, MemoryStore, write_neighbors
 from premem.storage.reader import (
     LABEL_PAD,
@@ -23,14 +24,7 @@ from premem.storage.reader import (
     read_questions,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 K = 3

@@ -9,9 +9,6 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from premem.jobs.cli import main
-from premem.storage import MemoryStore
-from premem.storage.verify import verify_store
 from resilience_data import (
     encode_args,
     fault_inject_module,
@@ -19,6 +16,10 @@ from resilience_data import (
     start_premem,
     write_small_corpus,
 )
+
+from premem.jobs.cli import main
+from premem.storage import MemoryStore
+from premem.storage.verify import verify_store
 
 fault = fault_inject_module()
 

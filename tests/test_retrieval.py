@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from premem.jobs.cli import main
 from premem.jobs.run import run_encode, run_shard
 from premem.models.retriever import MEMORY_MEAN, RetrieverConfig

@@ -120,7 +120,8 @@ def test_store_layout_and_manifest(tmp_path):
     assert marker["bytes"] == marker["tokens"] * D * 2 and marker["fingerprint"] == FP
     m = json.loads((root / "manifest.json").read_text())
     assert m["format_version"] == 1 and m["kind"] == "lumen-memory" and m["complete"] is False
-    assert (m["rows"], m["max_tokens"], m["d_model"], m["dtype"], m["shard_size"], m["num_shards"]) == (ROWS, P, D, "bfloat16", S, 3)
+    shape = (m["rows"], m["max_tokens"], m["d_model"], m["dtype"], m["shard_size"], m["num_shards"])
+    assert shape == (ROWS, P, D, "bfloat16", S, 3)
     assert m["encoder"] == {"name": "test-encoder", "layers": 2} and m["fingerprint"] == FP
     assert m["codec"]["zstd_level"] == 1
 
@@ -209,7 +210,8 @@ def test_create_resume_and_mismatch(tmp_path):
     _write_shard(again, 1, states, lengths)
     assert MemoryStore.open(path).committed_shards() == {0, 1}
 
-    with pytest.raises(FingerprintMismatch, match=r"holds memory of encoder 0123456789ab, this run's encoder is ffffffffffff: use another --store or delete"):
+    with pytest.raises(FingerprintMismatch, match=r"holds memory of encoder 0123456789ab, this run's encoder is ffffffffffff: "
+                                                     r"use another --store or delete"):
         _create(path, fingerprint="f" * 64)
     with pytest.raises(StoreError, match=r"created with dtype='bfloat16' \(this run: 'float32'\)"):
         _create(path, dtype="float32")

@@ -12,10 +12,11 @@ import pytest
 import tensorstore as ts
 import torch
 from click.testing import CliRunner
+from resilience_data import encode_args, fault_inject_module, make_shards, write_small_corpus
+
 from premem.jobs.cli import main
 from premem.storage import MemoryStore, StoreError
 from premem.storage.verify import verify_store
-from resilience_data import encode_args, fault_inject_module, make_shards, write_small_corpus
 
 fault = fault_inject_module()
 S = 4  # passages per shard
@@ -170,6 +171,7 @@ def test_wrong_values_with_valid_checksums_are_found_by_the_sample(store):
 
 def test_a_checkpoint_that_changes_between_two_runs_is_refused(tmp_path, t5_v11_checkpoint):
     from checkpoints import make_t5_checkpoint
+
     from premem.jobs.run import run_shard
     from premem.pipeline.shard import ShardConfig
 
