@@ -182,7 +182,7 @@ def demo(ctx, workdir, plays, memory_layers, window_words, lines):
     ctx.invoke(shard, inputs=(str(corpus),), out=str(work / "shards"), tokenizer="minilm")
     ctx.invoke(encode, shards=str(work / "shards"), store=str(work / "store"), encoder="minilm",
                memory_layers=memory_layers, retriever="minilm", retriever_window_words=window_words)
-    ctx.invoke(index, store=str(work / "store"))
+    ctx.invoke(index, store=str(work / "store"), factory="Flat")  # ~10^5 vectors: exact search is cheap
     store = MemoryStore.open(str(work / "store"))
     rows = [0, store.rows // 2, store.rows - 1]
     batch = store.read(rows)

@@ -151,7 +151,9 @@ def _build_index(store_path: str, config: IndexConfig, pipeline_args: list[str] 
                                 f"`premem index {store.path}`")
 
     t0 = time.perf_counter()
-    if config.target_recall <= 0:  # no tuning pass (it streams every embedding once): nprobe = nlist / 64
+    if factory.replace(" ", "") == "Flat":  # exact search: nothing to tune
+        params = {"tuned_recall_at_k": 1.0, "tuned_k": min(10, int(index.ntotal))}
+    elif config.target_recall <= 0:  # no tuning pass (it streams every embedding once): nprobe = nlist / 64
         params = {"nprobe": max(1, faiss.extract_index_ivf(index).nlist // 64)} if fx._is_ivf(index) else {}
         fx.set_search_params(index, params)
         params.update(tuned_recall_at_k=None, tuned_k=None)
