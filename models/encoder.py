@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from torch import nn
@@ -405,3 +406,20 @@ def _used_by_memory(parameter: str, memory_layers: int) -> bool:
     if layer:
         return int(layer.group(1)) < memory_layers
     return parameter.startswith(("shared.", "embeddings."))
+
+
+def token_budget_batches(lengths: np.ndarray, tokens_per_batch: int) -> list[np.ndarray]:
+    """Index batches over length-sorted passages, each at most `tokens_per_batch` padded tokens.
+
+    Sorting keeps padding small; the budget (not a count) keeps every batch
+    the same cost, so short passages go through in large batches.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, tokens_per_batch // longest)
+        batches.append(order[start:start + size])
+        start += size
+    return batches

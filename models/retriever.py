@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, resolve_checkpoint
-from .encoder import MemoryEncoder, _load_encoder, _load_tokenizer, tokenizer_fingerprint
+from .encoder import MemoryEncoder, _load_encoder, _load_tokenizer, token_budget_batches, tokenizer_fingerprint
 
 NONE = "none"
 MEMORY_MEAN = "memory-mean"
@@ -107,14 +107,16 @@ def _check_texts(texts: list[str], what: str) -> None:
             raise ValueError(f"{what} {i} is empty: every {what} needs some text to encode")
 
 
-def _length_batches(lengths: list[int], batch_tokens: int) -> list[np.ndarray]:
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        size = max(1, batch_tokens // max(int(lengths[order[start]]), 1))
-        batches.append(order[start:start + size])
-        start += size
-    return batches
+def _padded_batches(ids: list[list[int]], pad: int, batch_tokens: int):
+    """(indices, padded ids [b, T], 0/1 mask [b, T]) per length-sorted batch of the token id lists."""
+    for batch in token_budget_batches([len(i) for i in ids], batch_tokens):
+        longest = max(len(ids[i]) for i in batch)
+        input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for j, i in enumerate(batch.tolist()):
+            input_ids[j, :len(ids[i])] = torch.as_tensor(ids[i])
+            mask[j, :len(ids[i])] = 1
+        yield batch, input_ids, mask
 
 
 class TextEmbedder:
@@ -179,13 +181,7 @@ class TextEmbedder:
         autocast = torch.autocast(torch.device(self.device).type, dtype=self.autocast or torch.float32,
                                   enabled=self.autocast is not None)
         with torch.inference_mode(), autocast:
-            for batch in _length_batches([len(i) for i in ids], self.batch_tokens):
-                longest = max(len(ids[i]) for i in batch)
-                input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), longest), dtype=torch.long)
-                for j, i in enumerate(batch.tolist()):
-                    input_ids[j, :len(ids[i])] = torch.as_tensor(ids[i])
-                    mask[j, :len(ids[i])] = 1
+            for batch, input_ids, mask in _padded_batches(ids, pad, self.batch_tokens):
                 hidden = self.model(input_ids=input_ids.to(self.device),
                                     attention_mask=mask.to(self.device)).last_hidden_state
                 pooled = masked_pool(hidden.float(), mask.to(hidden.device), self.pooling)
@@ -219,14 +215,8 @@ class MemoryMeanEmbedder:
         pad = self.encoder.tokenizer.pad_token_id or 0
         device = next(self.encoder.parameters()).device
         with torch.inference_mode():
-            for batch in _length_batches([len(i) for i in ids], self.batch_tokens):
-                longest = max(len(ids[i]) for i in batch)
-                input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), longest), dtype=torch.bool)
-                for j, i in enumerate(batch.tolist()):
-                    input_ids[j, :len(ids[i])] = torch.as_tensor(ids[i])
-                    mask[j, :len(ids[i])] = True
-                states = self.encoder(input_ids.to(device), mask.to(device))
+            for batch, input_ids, mask in _padded_batches(ids, pad, self.batch_tokens):
+                states = self.encoder(input_ids.to(device), mask.bool().to(device))
                 out[batch] = memory_mean(states, mask.sum(dim=1))
         return out
 

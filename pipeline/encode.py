@@ -7,11 +7,11 @@ import json
 import time
 
 import apache_beam as beam
-import numpy as np
 import torch
 from apache_beam.utils.shared import Shared
 
 from premem.models import DEFAULT_TEMPLATE
+from premem.models.encoder import token_budget_batches
 from premem.pipeline.shard import read_shard
 
 FAILED = "failed"
@@ -61,22 +61,6 @@ class EncoderConfig:
             device=device or self.resolved_device(),
             dtype=dtype or self.resolved_dtype(),
         )
-
-
-def token_budget_batches(lengths: np.ndarray, tokens_per_batch: int) -> list[np.ndarray]:
-    """Index batches over length-sorted passages, each at most `tokens_per_batch` padded tokens.
-
-    Sorting keeps padding small; the budget (not a count) keeps every batch
-    the same cost, so short passages go through in large batches.
-    """
-    order = np.argsort(-lengths, kind="stable")
-    batches, start = [], 0
-    while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
-        size = max(1, tokens_per_batch // longest)
-        batches.append(order[start:start + size])
-        start += size
-    return batches
 
 
 def pad_batch(token_ids: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

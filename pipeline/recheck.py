@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from premem.pipeline.encode import pad_batch, token_budget_batches
+from premem.models.encoder import token_budget_batches
+from premem.pipeline.encode import pad_batch
 from premem.pipeline.shard import read_index, read_shard
 
 # Largest ||stored - recomputed|| / ||recomputed|| per passage that still counts as the same memory, by the

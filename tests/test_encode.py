@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from premem.jobs.cli import main
 from premem.jobs.run import run_encode, run_shard
 from premem.models import MemoryEncoder
-from premem.pipeline.encode import EncoderConfig, token_budget_batches
+from premem.models.encoder import token_budget_batches
+from premem.pipeline.encode import EncoderConfig
 from premem.pipeline.shard import ShardConfig
 from premem.storage import MemoryStore
 
