@@ -9,7 +9,6 @@ made them (kind, checkpoint, pooling, max length, fingerprint) is recorded in ``
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from premem.storage.store import (
 EMBEDDINGS = "embeddings/"
 COMMITS = "embedding-commits/"
 _DTYPES = {"float32": np.float32, "float16": np.float16}
-_MARKER_RE = re.compile(r"^shard-(\d+)\.json$")
 
 
 def _marker_key(shard: int) -> str:
@@ -119,17 +117,7 @@ def _array(store: MemoryStore) -> ts.TensorStore:
 
 def embedding_committed_shards(store: MemoryStore) -> set[int]:
     """Shards whose embeddings are committed (marker present)."""
-    try:
-        keys = store._kv.list(ts.KvStore.KeyRange(COMMITS, COMMITS[:-1] + "0"),
-                              strip_prefix_length=len(COMMITS)).result()
-    except Exception as e:
-        raise StoreError(f"store {store.path}: cannot list {COMMITS} ({_one_line(e)})") from e
-    out = set()
-    for key in keys:
-        m = _MARKER_RE.match(key.decode(errors="replace"))
-        if m and int(m.group(1)) < store.num_shards:
-            out.add(int(m.group(1)))
-    return out
+    return store.marked_shards(COMMITS)
 
 
 def embeddings_committed(store: MemoryStore, shard: int) -> bool:

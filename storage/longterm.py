@@ -37,7 +37,6 @@ import torch
 
 from premem.storage.store import (
     _DTYPES,
-    _MARKER_RE,
     MANIFEST,
     FingerprintMismatch,
     StoreError,
@@ -57,6 +56,7 @@ from premem.storage.store import (
     _parse_json,
     _to_numpy,
     kvstore_spec,
+    list_marked_shards,
     normalize_path,
 )
 
@@ -267,12 +267,7 @@ class LongTermStore:
     # --- commits ---------------------------------------------------------------------------------
 
     def committed_shards(self) -> set[int]:
-        try:
-            keys = self._kv.list(ts.KvStore.KeyRange("commits/", "commits0"),
-                                 strip_prefix_length=len("commits/")).result()
-        except Exception as e:
-            raise StoreError(f"store {self.path}: cannot list commits/ ({_one_line(e)})") from e
-        return {int(m.group(1)) for k in keys if (m := _MARKER_RE.match(k.decode(errors="replace")))}
+        return list_marked_shards(self._kv, self.path, "commits/")
 
     def is_committed(self, shard: int) -> bool:
         return _kv_read(self._kv, _marker_key(shard), self.path).state == "value"

@@ -522,17 +522,13 @@ class MemoryStore:
             raise StoreError(f"shard {shard} out of range: store {self.path} has shards 0..{self.num_shards - 1}")
         return shard
 
+    def marked_shards(self, prefix: str) -> set[int]:
+        """Shards with a ``shard-NNNNN.json`` marker under ``prefix`` (``commits/``, ``embedding-commits/``)."""
+        return {s for s in list_marked_shards(self._kv, self.path, prefix) if s < self.num_shards}
+
     def committed_shards(self) -> set[int]:
         """Shards whose commit marker exists (lists ``commits/``)."""
-        try:
-            keys = self._kv.list(ts.KvStore.KeyRange("commits/", "commits0"), strip_prefix_length=len("commits/")).result()
-        except Exception as e:
-            raise StoreError(f"store {self.path}: cannot list commits/ ({_one_line(e)})") from e
-        out = set()
-        for k in keys:
-            m = _MARKER_RE.match(k.decode(errors="replace"))
-            if m and int(m.group(1)) < self.num_shards:
-                out.add(int(m.group(1)))
+        out = self.marked_shards("commits/")
         self._committed |= out
         return out
 
@@ -971,6 +967,15 @@ class ShardWriter:
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
+
+def list_marked_shards(kv: ts.KvStore, path: str, prefix: str) -> set[int]:
+    """Shard numbers of the ``shard-NNNNN.json`` markers under ``prefix`` of a store's key-value store."""
+    try:
+        keys = kv.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0"), strip_prefix_length=len(prefix)).result()
+    except Exception as e:
+        raise StoreError(f"store {path}: cannot list {prefix} ({_one_line(e)})") from e
+    return {int(m.group(1)) for k in keys if (m := _MARKER_RE.match(k.decode(errors="replace")))}
 
 
 def _first_dup(rows: np.ndarray) -> list[int]:
