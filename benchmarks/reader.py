@@ -1,13 +1,16 @@
 """Training-shaped reads from a memory store, side by side with the naive peer and the disk's own speed.
 
-    PREMEM_CACHE=/tmp/pcache /work/venv/bin/python benchmarks/reader.py [--rows 3000] [--d-model 768]
+    PREMEM_CACHE=/tmp/pcache /work/venv/bin/python benchmarks/reader.py [--rows 2000] [--d-model 768]
 
 One batch = 32 questions x 20 passages = 640 random rows (LUMEN reads ~20 passages per question).
-- store: MemoryStore.read (one TensorStore call; zstd shards; only each passage's real tokens are stored);
+- store raw: MemoryStore.read of a store written with the default codec (bytes + crc32c token chunks: the shard
+  files are mapped, each passage's real-token chunks copied into the batch and checksummed; storage/chunkread.py);
+- store zstd: the same data written with --codec zstd, read through TensorStore (decompress + crc32c per chunk);
 - peer: a padded fp16 numpy memmap [rows, P, d] read with fancy indexing (mm[rows]);
-- disk: sequential 8 MiB reads of a file of the same size, measured in the same run.
-Cold = the files' pages dropped from the page cache before every batch, with posix_fadvise(POSIX_FADV_DONTNEED)
-(no root here for /proc/sys/vm/drop_caches).  "needed bytes" = the real tokens' bytes a batch asks for.
+- disk: one sequential pass of 8 MiB reads over a file of the peer's size, measured in the same run.
+Cold = every reader closed (files unmapped) and the files' pages dropped from the page cache before each batch,
+with posix_fadvise(POSIX_FADV_DONTNEED) (no root here for /proc/sys/vm/drop_caches); the time includes mapping
+the shard files and reading their indexes again.  "needed bytes" = the real tokens' bytes a batch asks for.
 Then the share of a training step spent waiting for data: LumenDataset + Prefetcher feeding a loop whose step
 takes --step-ms (a sleep: the accelerator's time, during which the host is free).
 """
@@ -52,28 +55,36 @@ def fsync_all(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def build(root: Path, rows: int, max_tokens: int, d: int, shard_size: int, seed: int) -> tuple[MemoryStore, Path]:
-    """A bf16 store and the padded fp16 memmap peer, holding the same random activations."""
+def build(root: Path, rows: int, max_tokens: int, d: int, shard_size: int, seed: int) -> dict[str, Path]:
+    """bf16 stores (raw and zstd) and the padded fp16 memmap peer, holding the same random activations."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(max_tokens * 6 // 10, max_tokens + 1, size=rows)
-    store = MemoryStore.create(root / "store", rows=rows, max_tokens=max_tokens, d_model=d, dtype="bfloat16",
-                               shard_size=shard_size, fingerprint="bench", encoder={"bench": True})
+    stores = {codec: MemoryStore.create(root / codec, rows=rows, max_tokens=max_tokens, d_model=d, dtype="bfloat16",
+                                        shard_size=shard_size, fingerprint="bench", encoder={"bench": True}, codec=codec)
+              for codec in ("raw", "zstd")}
+    store = stores["raw"]
     peer_path = root / "peer.f16"
     peer = np.lib.format.open_memmap(peer_path, mode="w+", dtype=np.float16, shape=(rows, max_tokens, d))
     for shard in range(store.num_shards):
         rng_rows = store.shard_rows(shard)
-        with store.shard_writer(shard) as writer:
-            for start in range(rng_rows.start, rng_rows.stop, 64):
-                stop = min(start + 64, rng_rows.stop)
-                states = torch.from_numpy(rng.standard_normal((stop - start, max_tokens, d), dtype=np.float32))
-                keep = torch.arange(max_tokens)[None, :, None] < torch.from_numpy(lengths[start:stop])[:, None, None]
-                states *= keep
+        writers = [s.shard_writer(shard) for s in stores.values()]
+        for writer in writers:
+            writer.__enter__()
+        for start in range(rng_rows.start, rng_rows.stop, 64):
+            stop = min(start + 64, rng_rows.stop)
+            states = torch.from_numpy(rng.standard_normal((stop - start, max_tokens, d), dtype=np.float32))
+            keep = torch.arange(max_tokens)[None, :, None] < torch.from_numpy(lengths[start:stop])[:, None, None]
+            states *= keep
+            for writer in writers:
                 writer.write(np.arange(start, stop), states, lengths[start:stop])
-                peer[start:stop] = states.to(torch.bfloat16).to(torch.float16).numpy()
-    store.finalize()
+            peer[start:stop] = states.to(torch.bfloat16).to(torch.float16).numpy()
+        for writer in writers:
+            writer.__exit__(None, None, None)
+    for s in stores.values():
+        s.finalize()
     peer.flush()
     del peer
-    return MemoryStore.open(root / "store"), peer_path
+    return {"store raw": root / "raw", "store zstd": root / "zstd", "peer": peer_path}
 
 
 def sequential_bandwidth(path: Path, block: int = 8 << 20) -> float:
@@ -86,20 +97,50 @@ def sequential_bandwidth(path: Path, block: int = 8 << 20) -> float:
     return size / (time.perf_counter() - started)
 
 
-def time_reads(batches: list[np.ndarray], read, cold_files: list[Path] | None) -> float:
+class Reader:
+    """One of the compared readers; ``reopen`` forgets everything it holds, as a fresh process would."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.reopen()
+
+    def reopen(self) -> None:
+        self.close()
+        if self.path.suffix == ".f16":
+            self.peer = np.load(self.path, mmap_mode="r")
+        else:
+            self.store = MemoryStore.open(self.path)
+
+    def close(self) -> None:
+        """Unmap everything, so that dropping the page cache really drops these files' pages."""
+        if getattr(self, "store", None) is not None:
+            self.store.close()
+        self.peer = None
+
+    def read(self, rows: np.ndarray) -> torch.Tensor:
+        if self.path.suffix == ".f16":
+            return torch.from_numpy(np.ascontiguousarray(self.peer[np.sort(rows)]))
+        return self.store.read(rows).states
+
+    def files(self) -> list[Path]:
+        return [self.path] if self.path.is_file() else files_under(self.path)
+
+
+def time_reads(batches: list[np.ndarray], reader: Reader, cold: bool) -> float:
     total = 0.0
     for rows in batches:
-        if cold_files:
-            drop_cache(cold_files)
+        if cold:
+            reader.reopen()
+            drop_cache(reader.files())
         started = time.perf_counter()
-        read(rows)
+        reader.read(rows)
         total += time.perf_counter() - started
     return total / len(batches)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--shard-size", type=int, default=256)
@@ -114,43 +155,44 @@ def main() -> None:
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="premem-reader-bench-"))
     started = time.perf_counter()
-    store, peer_path = build(root, args.rows, args.max_tokens, args.d_model, args.shard_size, args.seed)
-    store_files = files_under(root / "store")
-    fsync_all(store_files + [peer_path])
+    paths = build(root, args.rows, args.max_tokens, args.d_model, args.shard_size, args.seed)
+    readers = {name: Reader(path) for name, path in paths.items()}
+    for reader in readers.values():
+        fsync_all(reader.files())
     itemsize = 2
+    sizes = ", ".join(f"{name} {sum(p.stat().st_size for p in r.files()) / 2**20:.0f} MiB" for name, r in readers.items())
     print(f"built in {time.perf_counter() - started:.0f} s under {root}: {args.rows} rows x <= {args.max_tokens} "
-          f"tokens x d={args.d_model}; store {sum(p.stat().st_size for p in store_files) / 2**20:.0f} MiB on disk "
-          f"(bf16, zstd), peer {peer_path.stat().st_size / 2**20:.0f} MiB (padded fp16)", flush=True)
+          f"tokens x d={args.d_model}, bf16 stores, padded fp16 peer; on disk: {sizes}", flush=True)
 
     rng = np.random.default_rng(args.seed + 1)
     per_batch = args.questions * args.k
     batches = [rng.choice(args.rows, per_batch, replace=False) for _ in range(args.batches)]
+    store = readers["store raw"].store
     lengths = store.lengths(np.arange(args.rows))
     needed = float(np.mean([lengths[b].sum() for b in batches])) * args.d_model * itemsize
-    peer = np.load(peer_path, mmap_mode="r")
 
-    def read_store(rows):
-        return store.read(rows)
-
-    def read_peer(rows):
-        return torch.from_numpy(np.ascontiguousarray(peer[np.sort(rows)]))
-
-    disk = sequential_bandwidth(peer_path)
     results = {}
-    for name, fn, files in (("store", read_store, store_files), ("peer", read_peer, [peer_path])):
-        cold = time_reads(batches, fn, files)
-        fn(batches[0])  # warm the page cache for these rows
-        for rows in batches:
-            fn(rows)
-        warm = time_reads(batches, fn, None)
+    disk = []
+    for name, reader in readers.items():
+        disk.append(sequential_bandwidth(paths["peer"]))
+        cold = time_reads(batches, reader, cold=True)
+        reader.reopen()
+        for rows in batches:  # warm the page cache (and the reader) for these rows
+            reader.read(rows)
+        warm = time_reads(batches, reader, cold=False)
         results[name] = (cold, warm)
+        reader.close()
+    disk.append(sequential_bandwidth(paths["peer"]))
+    disk_bw = float(np.mean(disk))
     print(f"\none batch = {args.questions} questions x {args.k} passages = {per_batch} random rows, "
-          f"{needed / 2**20:.1f} MiB of real tokens needed (bf16); disk sequential read {disk / 2**20:.0f} MiB/s")
-    print(f"{'reader':<8}{'cold s/batch':>14}{'cold MiB/s':>12}{'vs disk':>9}{'warm s/batch':>14}{'warm MiB/s':>12}")
+          f"{needed / 2**20:.1f} MiB of real tokens needed (bf16); disk sequential read {disk_bw / 2**20:.0f} MiB/s "
+          f"(mean of {len(disk)} passes between the readers: {', '.join(f'{d / 2**20:.0f}' for d in disk)})")
+    print(f"{'reader':<12}{'cold s/batch':>14}{'cold MiB/s':>12}{'vs disk':>9}{'warm s/batch':>14}{'warm MiB/s':>12}"
+          f"{'warm vs peer':>14}")
     for name, (cold, warm) in results.items():
-        print(f"{name:<8}{cold:>14.3f}{needed / cold / 2**20:>12.0f}{needed / cold / disk:>9.2f}"
-              f"{warm:>14.3f}{needed / warm / 2**20:>12.0f}")
-    print("(MiB/s of needed bytes: the peer also reads each row's padding; the store reads compressed real tokens)")
+        print(f"{name:<12}{cold:>14.3f}{needed / cold / 2**20:>12.0f}{needed / cold / disk_bw:>9.2f}"
+              f"{warm:>14.3f}{needed / warm / 2**20:>12.0f}{results['peer'][1] / warm:>13.2f}x")
+    print("(MiB/s of needed bytes: the peer also reads each row's padding; 'warm vs peer' > 1: faster than the peer)")
 
     # --- data wait inside a training loop --------------------------------------------------------
     neighbors = root / "neighbors.parquet"
@@ -159,12 +201,14 @@ def main() -> None:
                       "question": [f"q{i}" for i in range(n_questions)],
                       "rows": [rng.choice(args.rows, args.k, replace=False).tolist() for _ in range(n_questions)],
                       "scores": [[0.0] * args.k for _ in range(n_questions)]})
+    store = readers["store raw"].store
     write_neighbors(neighbors, table, store=store.path, store_fingerprint=store.fingerprint,
                     retriever_fingerprint="bench")
     dataset = LumenDataset(store, neighbors, [[1, 2, 3]] * n_questions, [[4, 1]] * n_questions)
     for cold in (False, True):
         if cold:
-            drop_cache(store_files)
+            store.close()
+            drop_cache(readers["store raw"].files())
         prefetched = Prefetcher(make_loader(dataset, args.questions, shuffle=True, seed=1), depth=2)
         steps, started = 0, time.perf_counter()
         for _batch in prefetched:

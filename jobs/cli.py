@@ -76,7 +76,12 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--tokens-per-batch", default=16384, show_default=True,
               help="Padded tokens per batch (batches are formed by this budget over length-sorted passages).")
-@click.option("--zstd-level", default=1, show_default=True)
+@click.option("--codec", type=click.Choice(["raw", "zstd"]), default="raw", show_default=True,
+              help="raw: bytes + crc32c, ~1.08x the real tokens on disk, read without decoding (training reads); "
+                   "zstd: smaller on disk (e.g. buckets), every read decompresses.")
+@click.option("--token-chunk", default=32, show_default=True,
+              help="Tokens per stored chunk: reads fetch a passage's chunks, so < T padding tokens per passage.")
+@click.option("--zstd-level", default=1, show_default=True, help="With --codec zstd.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--repair", is_flag=True,
               help="First verify every committed shard (as `premem verify` does) and redo the ones that fail.")
@@ -94,7 +99,7 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
                    "best window; finds short quotes far better than one vector per passage.")
 @click.pass_context
 def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, dtype, compute_dtype, device,
-           tokens_per_batch, zstd_level, progress, repair, force_unlock, retriever, retriever_pooling,
+           tokens_per_batch, codec, token_chunk, zstd_level, progress, repair, force_unlock, retriever, retriever_pooling,
            retriever_max_length, retriever_window_words):
     """Encode the passage SHARDS into a memory STORE with the first K layers of an encoder."""
     from premem.jobs.run import run_encode
@@ -111,7 +116,8 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
         name=retriever, pooling=retriever_pooling, max_length=retriever_max_length,
         window_words=retriever_window_words)
     with ProgressBar(progress) as report:
-        summary = run_job(run_encode, shards, store, config, dtype=dtype, zstd_level=zstd_level,
+        summary = run_job(run_encode, shards, store, config, dtype=dtype, codec=codec, token_chunk=token_chunk,
+                          zstd_level=zstd_level,
                        pipeline_args=ctx.args, progress=report, repair=repair, force_unlock=force_unlock,
                           retriever=retriever_config)
     run = summary["run"]
@@ -155,7 +161,7 @@ def _echo_summary(s: dict) -> None:
     on_disk = s.get("memory_bytes_on_disk")
     click.echo(f"bytes:    {s['logical_bytes'] / 2**20:.1f} MiB of real tokens ({s['logical_bytes_per_token']} B/token raw)"
                + (f", memory {on_disk / 2**20:.1f} MiB on disk ({s['bytes_per_token']:.0f} B/token incl. padding, "
-                  "zstd)" if on_disk else ""))
+                  f"codec {s.get('codec', 'zstd')})" if on_disk else ""))
     click.echo(f"encoder:  {enc.get('checkpoint')} ({enc.get('arch')}, layers [0, {enc.get('memory_layers')}) "
                f"of {enc.get('num_layers')}), fingerprint {s['fingerprint'][:16]}")
 

@@ -50,7 +50,7 @@ def run_shard(inputs: list[str], out_dir: str, config: ShardConfig, pipeline_arg
 
 
 def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype: str = "bfloat16",
-               zstd_level: int = 1, pipeline_args: list[str] | None = None,
+               codec: str = "raw", token_chunk: int = 32, zstd_level: int = 1, pipeline_args: list[str] | None = None,
                progress: Callable[[int, int], None] | None = None, repair: bool = False,
                force_unlock: bool = False, lease_ttl: float | None = None, retriever=None) -> dict:
     """Passage shards -> committed memory store; returns the store summary.
@@ -65,7 +65,8 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
 
     lease = StoreLease(store_path, job="premem encode", ttl=lease_ttl or DEFAULT_TTL, force=force_unlock)
     with lease:
-        summary = _run_encode(shards_dir, store_path, config, dtype=dtype, zstd_level=zstd_level,
+        summary = _run_encode(shards_dir, store_path, config, dtype=dtype, codec=codec, token_chunk=token_chunk,
+                              zstd_level=zstd_level,
                               pipeline_args=pipeline_args, progress=progress, repair=repair, lease=lease,
                               retriever=retriever)
     if lease.taken_over is not None:
@@ -73,7 +74,8 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
     return summary
 
 
-def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype: str, zstd_level: int,
+def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype: str, codec: str,
+                token_chunk: int, zstd_level: int,
                 pipeline_args: list[str] | None, progress: Callable[[int, int], None] | None, repair: bool,
                 lease, retriever=None) -> dict:
     from premem.models import tokenizer_fingerprint
@@ -96,7 +98,8 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
     del encoder
     store = MemoryStore.create(
         store_path, rows=index["rows"], max_tokens=index["max_tokens"], d_model=info["d_model"], dtype=dtype,
-        shard_size=index["shard_size"], fingerprint=fingerprint, encoder=info, zstd_level=zstd_level,
+        shard_size=index["shard_size"], fingerprint=fingerprint, encoder=info, codec=codec, token_chunk=token_chunk,
+        zstd_level=zstd_level,
         extra={"shards_dir": shards_dir, "records": index["records"], "passage_words": index["passage_words"],
                "compute_dtype": config.compute_dtype},
     )

@@ -4,7 +4,9 @@ Layout of one store (a local directory or a ``gs://bucket/prefix``)::
 
     manifest.json                 what the store holds (shapes, dtype, encoder, fingerprint, ...)
     memory/                       Zarr v3 [rows, P, d] (bf16/f16/f32), one Zarr shard per corpus shard,
-                                  one inner chunk per passage, inner codecs bytes+zstd+crc32c
+                                  inner chunks of one passage's T tokens [1, T, d] (chunks past a passage's
+                                  length are never stored), codecs bytes+crc32c ("raw", the default: local
+                                  reads go straight into the batch, storage/chunkread.py) or bytes+zstd+crc32c
     lengths/                      Zarr v3 int32 [rows], one chunk per corpus shard
     commits/shard-00000.json      commit marker, written after the shard's data is durable
     meta/shard-00000.parquet      optional per-passage metadata (row, doc_id, passage, title, text, length)
@@ -36,6 +38,8 @@ import pyarrow.parquet as pq
 import tensorstore as ts
 import torch
 
+from premem.storage.chunkread import ChunkReadError, RawChunkReader, RawLayout
+
 FORMAT_VERSION = 1
 KIND = "lumen-memory"
 MANIFEST = "manifest.json"
@@ -50,6 +54,8 @@ _DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
 # Reader-side TensorStore cache: keeps shard indexes (16 bytes per passage) and recently read
 # passages.  Committed shards never change, so cached data is never rechecked.
 _READ_CACHE_BYTES = 256 << 20
+CODECS = ("raw", "zstd")
+TOKEN_CHUNK = 32  # tokens per inner chunk: a read wastes < T tokens per passage, the shard index costs 16 B per chunk
 _META_CACHE_SHARDS = 4
 
 
@@ -220,9 +226,16 @@ class MemoryStore:
         self._kv_handle: ts.KvStore | None = None
         self._read_ctx: ts.Context | None = None
         self._arrays: dict[str, ts.TensorStore] = {}
+        self._chunk_reader: RawChunkReader | None | bool = False  # False: not looked at yet; None: not a raw store
         self._committed: set[int] = set()
         self._lengths_cache: dict[int, np.ndarray] = {}
         self._meta_cache: OrderedDict[int, tuple[pa.Table, np.ndarray]] = OrderedDict()
+
+    def close(self) -> None:
+        """Let go of mapped files and open handles now (they are reopened if the store is used again)."""
+        if isinstance(self._chunk_reader, RawChunkReader):
+            self._chunk_reader.close()
+        self._reset_handles()
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "manifest": self.manifest, "read_only": self.read_only, "cache_bytes": self.cache_bytes}
@@ -288,10 +301,16 @@ class MemoryStore:
         shard_size: int,
         fingerprint: str,
         encoder: dict,
+        codec: str = "raw",
+        token_chunk: int = TOKEN_CHUNK,
         zstd_level: int = 1,
         extra: dict | None = None,
     ) -> MemoryStore:
-        """Create a store (complete=False), or reopen it for resuming if it already holds the same encoder's memory."""
+        """Create a store (complete=False), or reopen it for resuming if it already holds the same encoder's memory.
+
+        ``codec``: "raw" (bytes + crc32c: ~1.08x the real tokens' bytes on disk, fastest to read) or "zstd"
+        (smaller on disk, e.g. for buckets; every read decompresses).  ``token_chunk``: tokens per inner chunk.
+        """
         path = normalize_path(path)
         _check_not_a_file(path)
         for name, v in (("rows", rows), ("max_tokens", max_tokens), ("d_model", d_model), ("shard_size", shard_size)):
@@ -304,11 +323,18 @@ class MemoryStore:
         if not isinstance(zstd_level, (int, np.integer)) or not -7 <= int(zstd_level) <= 22:
             raise StoreError(f"cannot create store {path}: zstd_level must be an integer in -7..22, got {zstd_level!r}")
         zstd_level = int(zstd_level)
+        if codec not in CODECS:
+            raise StoreError(f"cannot create store {path}: codec must be one of {', '.join(CODECS)}, got {codec!r}")
+        if isinstance(token_chunk, bool) or not isinstance(token_chunk, (int, np.integer)) or int(token_chunk) < 1:
+            raise StoreError(f"cannot create store {path}: token_chunk must be a positive integer, got {token_chunk!r}")
+        token_chunk = min(int(token_chunk), max_tokens)
+        tokens_per_shard = -(-max_tokens // token_chunk) * token_chunk  # the outer chunk holds whole token chunks
 
         kv = _open_kv(path)
         res = _kv_read(kv, MANIFEST, path)
         if res.state == "value":
-            return cls._resume(path, _parse_manifest(res.value, path), rows, max_tokens, d_model, dtype, shard_size, fingerprint)
+            return cls._resume(path, _parse_manifest(res.value, path), rows, max_tokens, d_model, dtype, shard_size, fingerprint,
+                              codec, token_chunk)
 
         # Fresh store.  Stale pieces of an earlier attempt that never got a manifest are removed.
         try:
@@ -317,7 +343,7 @@ class MemoryStore:
         except Exception as e:
             raise StoreError(f"cannot create store {path}: {_one_line(e)}") from e
 
-        mem_codecs = _memory_codecs(max_tokens, d_model, zstd_level)
+        mem_codecs = _memory_codecs(token_chunk, d_model, codec, zstd_level)
         len_codecs = [{"name": "bytes", "configuration": {"endian": "little"}},
                       {"name": "zstd", "configuration": {"level": zstd_level}}, {"name": "crc32c"}]
         try:
@@ -329,7 +355,8 @@ class MemoryStore:
                         "shape": [rows, max_tokens, d_model],
                         "data_type": dtype,
                         "fill_value": 0,
-                        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_size, max_tokens, d_model]}},
+                        "chunk_grid": {"name": "regular",
+                                       "configuration": {"chunk_shape": [shard_size, tokens_per_shard, d_model]}},
                         "codecs": mem_codecs,
                         "dimension_names": ["row", "token", "feature"],
                     },
@@ -369,9 +396,10 @@ class MemoryStore:
             "encoder": dict(encoder or {}),
             "codec": {
                 "format": "zarr3",
+                "name": codec,
                 "memory": {
-                    "chunk_shape": [shard_size, max_tokens, d_model],
-                    "inner_chunk_shape": [1, max_tokens, d_model],
+                    "chunk_shape": [shard_size, tokens_per_shard, d_model],
+                    "inner_chunk_shape": [1, token_chunk, d_model],
                     "codecs": mem_codecs,
                 },
                 "lengths": {"dtype": "int32", "chunk_shape": [shard_size], "codecs": len_codecs},
@@ -390,11 +418,13 @@ class MemoryStore:
         gen = _kv_write(kv, MANIFEST, _dump_json(manifest), path, if_equal=res.stamp.generation)
         if not gen.generation:
             res = _kv_read(kv, MANIFEST, path)
-            return cls._resume(path, _parse_manifest(res.value, path), rows, max_tokens, d_model, dtype, shard_size, fingerprint)
+            return cls._resume(path, _parse_manifest(res.value, path), rows, max_tokens, d_model, dtype, shard_size, fingerprint,
+                              codec, token_chunk)
         return cls(path, manifest, read_only=False)
 
     @classmethod
-    def _resume(cls, path, manifest, rows, max_tokens, d_model, dtype, shard_size, fingerprint) -> MemoryStore:
+    def _resume(cls, path, manifest, rows, max_tokens, d_model, dtype, shard_size, fingerprint, codec,
+                token_chunk) -> MemoryStore:
         _check_format(manifest, path)
         if manifest["fingerprint"] != fingerprint:
             enc = manifest.get("encoder") or {}
@@ -406,6 +436,11 @@ class MemoryStore:
             )
         want = {"rows": rows, "max_tokens": max_tokens, "d_model": d_model, "dtype": dtype, "shard_size": shard_size}
         diff = [f"{k}={manifest.get(k)!r} (this run: {v!r})" for k, v in want.items() if manifest.get(k) != v]
+        stored = manifest.get("codec") or {}
+        if "name" in stored:  # stores made before the codec choice existed are zstd with one chunk per passage
+            chunk = stored["memory"]["inner_chunk_shape"][1]
+            diff += [f"{k}={a!r} (this run: {b!r})" for k, a, b in (("codec", stored["name"], codec),
+                                                                  ("token_chunk", chunk, token_chunk)) if a != b]
         if diff:
             raise StoreError(
                 f"store {path} was created with {', '.join(diff)}: use another --store or delete {path}"
@@ -727,29 +762,63 @@ class MemoryStore:
         rows, shards = self._check_rows(rows)
         return self._lengths_np(rows, shards)
 
-    def read(self, rows: Any, *, device=None, non_blocking: bool = False) -> MemoryBatch:
-        """Stored memory of ``rows`` (any order, duplicates allowed), trimmed to the batch's longest passage."""
+    def read(self, rows: Any, *, device=None, non_blocking: bool = False, pin_memory: bool | None = None) -> MemoryBatch:
+        """Stored memory of ``rows`` (any order, duplicates allowed), trimmed to the batch's longest passage.
+
+        For a CUDA ``device`` (or ``pin_memory=True``) the states are read into page-locked memory and copied from
+        there, ``non_blocking`` if asked."""
         rows, shards = self._check_rows(rows)
         lengths = self._lengths_np(rows, shards)
         p_max = int(lengths.max()) if len(rows) else 0
-        states = _np_to_torch(self._read_states(rows, p_max))
+        dev = torch.device(device) if device is not None else None
+        pin = (dev is not None and dev.type == "cuda") if pin_memory is None else bool(pin_memory)
+        states = self._read_states(rows, lengths, p_max, pin_memory=pin)
         lengths_t = torch.from_numpy(lengths.astype(np.int64))
         rows_t = torch.from_numpy(rows.copy())
-        dev = torch.device(device) if device is not None else None
-        if dev is not None and dev.type == "cuda":
-            pinned = torch.empty(states.shape, dtype=states.dtype, pin_memory=True)
-            pinned.copy_(states)
-            states = pinned.to(dev, non_blocking=non_blocking)
-            lengths_t = lengths_t.to(dev, non_blocking=non_blocking)
-            rows_t = rows_t.to(dev, non_blocking=non_blocking)
-        elif dev is not None and dev.type != "cpu":
+        if dev is not None and dev.type != "cpu":
             states, lengths_t, rows_t = (t.to(dev, non_blocking=non_blocking) for t in (states, lengths_t, rows_t))
         mask = torch.arange(p_max, device=lengths_t.device)[None, :] < lengths_t[:, None]
         return MemoryBatch(states=states, mask=mask, lengths=lengths_t, rows=rows_t)
 
-    def _read_states(self, rows: np.ndarray, p_max: int) -> np.ndarray:
+    def _raw_reader(self) -> RawChunkReader | None:
+        """The direct chunk reader of a local read-only raw store; None: read through TensorStore."""
+        self._check_pid()
+        if self._chunk_reader is False:
+            self._chunk_reader = None
+            if self.read_only and _is_local(self.path):
+                memory_dir = os.path.join(self.path, "memory")
+                try:
+                    with open(os.path.join(memory_dir, "zarr.json"), encoding="utf-8") as handle:
+                        layout = RawLayout.from_zarr_json(json.load(handle))
+                except (OSError, ValueError):
+                    layout = None  # TensorStore's open reports what is wrong with the array
+                if layout is not None:
+                    self._chunk_reader = RawChunkReader(memory_dir, layout)
+        return self._chunk_reader
+
+    def _read_states(self, rows: np.ndarray, lengths: np.ndarray, p_max: int, *, pin_memory: bool) -> torch.Tensor:
+        shape = (len(rows), p_max, self.d_model)
         if len(rows) == 0 or p_max == 0:
-            return np.zeros((len(rows), p_max, self.d_model), dtype=self.numpy_dtype)
+            return torch.zeros(shape, dtype=self.torch_dtype)
+        reader = self._raw_reader()
+        if reader is not None:
+            if pin_memory:
+                states = torch.empty(shape, dtype=self.torch_dtype, pin_memory=True)
+                out = states.view(torch.uint8).numpy().reshape(len(rows), -1)
+            else:  # numpy asks the kernel for huge pages: a fresh batch buffer faults in 2-3x faster than torch.empty's
+                out = np.empty((len(rows), p_max * self.d_model * self.numpy_dtype.itemsize), dtype=np.uint8)
+                states = torch.from_numpy(out).view(self.torch_dtype).view(shape)
+            try:
+                reader.read_into(out, rows, lengths)
+            except ChunkReadError as e:
+                raise self._unreadable(e.row, e, corrupt=e.corrupt) from e
+            return states
+        states = _np_to_torch(self._read_states_ts(rows, p_max))
+        if pin_memory:
+            states = states.pin_memory()
+        return states
+
+    def _read_states_ts(self, rows: np.ndarray, p_max: int) -> np.ndarray:
         arr = self._array("memory")
         try:
             return arr.oindex[rows, :p_max].read().result()
@@ -760,18 +829,21 @@ class MemoryStore:
             try:
                 arr[r, :p_max].read().result()
             except Exception as e:
-                s = r // self.shard_size
-                if _is_corruption(e):
-                    raise StoreError(
-                        f"store {self.path} is corrupt: row {r} (shard {s}, memory/c/{s}/0/0) is unreadable "
-                        f"({_one_line(e)}): run `premem verify {self.path}`, then `premem encode ... --repair` "
-                        f"re-encodes shard {s}"
-                    ) from e
-                raise StoreError(f"store {self.path}: cannot read row {r} (shard {s}): {_one_line(e)}") from e
+                raise self._unreadable(r, e, corrupt=_is_corruption(e)) from e
         try:  # every row read fine one by one: the batched failure was transient
             return arr.oindex[rows, :p_max].read().result()
         except Exception as e:
             raise StoreError(f"store {self.path}: reading {len(rows)} rows failed: {_one_line(e)}") from e
+
+    def _unreadable(self, row: int, e: BaseException, *, corrupt: bool) -> StoreError:
+        s = row // self.shard_size
+        if corrupt:
+            return StoreError(
+                f"store {self.path} is corrupt: row {row} (shard {s}, memory/c/{s}/0/0) is unreadable "
+                f"({_one_line(e)}): run `premem verify {self.path}`, then `premem encode ... --repair` "
+                f"re-encodes shard {s}"
+            )
+        return StoreError(f"store {self.path}: cannot read row {row} (shard {s}): {_one_line(e)}")
 
     # --- retrieval -----------------------------------------------------------------------------
 
@@ -829,6 +901,7 @@ class MemoryStore:
             "memory_bytes_on_disk": memory_disk,
             "bytes_per_token": (memory_disk / tokens) if (memory_disk is not None and tokens) else None,
             "logical_bytes_per_token": self.d_model * self.numpy_dtype.itemsize,
+            "codec": (self.manifest.get("codec") or {}).get("name", "zstd"),  # stores before the raw codec: zstd
             "complete": len(markers) == self.num_shards,
             "encoder": self.encoder,
             "fingerprint": self.fingerprint,
@@ -1009,17 +1082,14 @@ def _dtype_name(dtype: Any) -> str:
     raise StoreError(f"unsupported store dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
 
 
-def _memory_codecs(max_tokens: int, d_model: int, zstd_level: int) -> list[dict]:
+def _memory_codecs(token_chunk: int, d_model: int, codec: str, zstd_level: int) -> list[dict]:
+    zstd = [{"name": "zstd", "configuration": {"level": zstd_level, "checksum": False}}] if codec == "zstd" else []
     return [
         {
             "name": "sharding_indexed",
             "configuration": {
-                "chunk_shape": [1, max_tokens, d_model],
-                "codecs": [
-                    {"name": "bytes", "configuration": {"endian": "little"}},
-                    {"name": "zstd", "configuration": {"level": zstd_level, "checksum": False}},
-                    {"name": "crc32c"},
-                ],
+                "chunk_shape": [1, token_chunk, d_model],
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, *zstd, {"name": "crc32c"}],
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                 "index_location": "end",
             },

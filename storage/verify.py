@@ -247,9 +247,10 @@ def verify_memory_store(path: str, manifest: dict, report: VerifyReport,
 
 
 def _check_arrays(store: MemoryStore, report: VerifyReport) -> bool:
+    recorded = ((store.manifest.get("codec") or {}).get("memory") or {}).get("chunk_shape")
     want = {
         "memory": ((store.rows, store.max_tokens, store.d_model), store.dtype,
-                   (store.shard_size, store.max_tokens, store.d_model)),
+                   tuple(recorded or (store.shard_size, store.max_tokens, store.d_model))),
         "lengths": ((store.rows,), "int32", (store.shard_size,)),
     }
     ok = True
@@ -328,15 +329,19 @@ def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta:
             if not good:
                 continue
             data, good_rows = np.stack(data), np.asarray(good)
-        report.checked_chunks += len(good_rows)
-        report.checked_rows += len(good_rows)
+        token_chunk = int(arr.chunk_layout.read_chunk.shape[1])
         if lengths is not None:
-            _check_values(data, lengths[good_rows - rng.start], good_rows, s, mem_key, report)
+            report.checked_chunks += int(np.sum(-(-lengths[good_rows - rng.start] // token_chunk)))
+            _check_values(data, lengths[good_rows - rng.start], good_rows, s, mem_key, report, token_chunk)
+        else:
+            report.checked_chunks += len(good_rows) * -(-store.max_tokens // token_chunk)
+        report.checked_rows += len(good_rows)
     _check_meta(store, s, rows, lengths, report, need_meta=need_meta)
 
 
-def _check_values(data: np.ndarray, lens: np.ndarray, rows: np.ndarray, s: int, key: str, report: VerifyReport) -> None:
-    """Zeros past each length (the writer pads with zeros) and data within it (a lost chunk reads as zeros)."""
+def _check_values(data: np.ndarray, lens: np.ndarray, rows: np.ndarray, s: int, key: str, report: VerifyReport,
+                  token_chunk: int) -> None:
+    """Zeros past each length (the writer pads with zeros) and data within it: a lost token chunk reads as zeros."""
     bits = data.view(np.uint16 if data.dtype.itemsize == 2 else np.uint32) != 0
     tokens = bits.any(axis=2)  # [b, P]: token has any non-zero feature
     past = np.arange(data.shape[1])[None, :] >= lens[:, None]
@@ -344,10 +349,14 @@ def _check_values(data: np.ndarray, lens: np.ndarray, rows: np.ndarray, s: int, 
     if padded.any():
         report.add("padding", "non-zero values past the stored length (lengths and memory disagree)", shard=s,
                    rows=rows[padded], key=key)
-    empty = (lens > 0) & ~(tokens & ~past).any(axis=1)
-    if empty.any():
-        report.add("checksum", "no stored data: the passage reads as all zeros (its chunk is missing)", shard=s,
-                   rows=rows[empty], key=key)
+    n_chunks = -(-data.shape[1] // token_chunk)
+    real = np.pad(tokens & ~past, ((0, 0), (0, n_chunks * token_chunk - data.shape[1])))
+    has_data = real.reshape(len(rows), n_chunks, token_chunk).any(axis=2)  # [b, chunks]
+    expected = np.arange(n_chunks)[None, :] * token_chunk < lens[:, None]
+    lost = (expected & ~has_data).any(axis=1)
+    if lost.any():
+        report.add("checksum", "no stored data in a token chunk within the passage's length: it reads as all zeros "
+                               "(its chunk is missing)", shard=s, rows=rows[lost], key=key)
 
 
 def _check_meta(store: MemoryStore, s: int, rows: np.ndarray, lengths, report: VerifyReport, *,

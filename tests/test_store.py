@@ -57,8 +57,8 @@ def _expected(states, lengths, rows, dtype):
     return out
 
 
-def _full_store(path, dtype="bfloat16"):
-    store = _create(path, dtype=dtype)
+def _full_store(path, dtype="bfloat16", **kw):
+    store = _create(path, dtype=dtype, **kw)
     states, lengths = _data()
     for shard in range(store.num_shards):
         _write_shard(store, shard, states, lengths)
@@ -101,6 +101,46 @@ def test_round_trip(tmp_path, dtype):
     assert torch.equal(clone.read([4, 8]).states, ro.read([4, 8]).states)
 
 
+@pytest.mark.parametrize("dtype,codec,token_chunk", [("bfloat16", "raw", 4), ("float32", "raw", 5), ("float16", "raw", 16),
+                                                     ("bfloat16", "zstd", 3)])
+def test_token_chunks_read_directly_equal_tensorstore(tmp_path, dtype, codec, token_chunk):
+    """Raw stores are read by mapping the shard files (storage/chunkread.py); it must give exactly what TensorStore
+    gives, for any token chunk size (5 and 3 do not divide P), trimmed batches, repeats and any order."""
+    store, states, lengths = _full_store(tmp_path / "s", dtype, codec=codec, token_chunk=token_chunk)
+    ro = MemoryStore.open(tmp_path / "s")
+    assert (ro._raw_reader() is not None) == (codec == "raw")
+    rng = np.random.default_rng(1)
+    for rows in [np.arange(ROWS), np.array([0]), np.array([3, 3, 0, 9, 1, 6]), *rng.integers(0, ROWS, (20, 7))]:
+        got = ro.read(rows).states
+        assert torch.equal(got, _expected(states, lengths, rows, dtype))
+        via_tensorstore = ro._read_states_ts(rows, got.shape[1])
+        assert np.array_equal(got.view(torch.uint8).numpy(), via_tensorstore.view(np.uint8).reshape(got.shape[0], got.shape[1], -1))
+    # chunks past a passage's length are never stored: the shard file holds only the real tokens' chunks
+    per_chunk = token_chunk * D * np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype).itemsize
+    if codec == "raw":
+        stored = sum(os.path.getsize(tmp_path / "s" / "memory" / "c" / str(i) / "0" / "0") for i in range(3))
+        chunks = int(sum(-(-int(n) // token_chunk) for n in lengths))
+        assert stored == chunks * (per_chunk + 4) + 3 * (S * -(-P // token_chunk) * 16 + 4)
+    ro.close()  # unmapped; reads reopen
+    assert torch.equal(ro.read([2]).states, _expected(states, lengths, np.array([2]), dtype))
+
+
+def test_a_corrupt_middle_token_chunk_is_named(tmp_path):
+    path = tmp_path / "s"
+    _, states, lengths = _full_store(path, token_chunk=4)
+    row = 1  # P tokens: four chunks
+    shard_file = path / "memory" / "c" / "0" / "0" / "0"
+    entries = _shard_index(str(shard_file), S * 4)
+    offset, nbytes = entries[row * 4 + 2]
+    raw = bytearray(shard_file.read_bytes())
+    raw[offset + 7] ^= 0x10
+    shard_file.write_bytes(bytes(raw))
+    ro = MemoryStore.open(path)
+    with pytest.raises(StoreError, match=r"corrupt: row 1 \(shard 0, memory/c/0/0/0\).*tokens 8\.\.11 fails its crc32c"):
+        ro.read([0, 1])
+    assert torch.equal(ro.read([0, 2]).states, _expected(states, lengths, np.array([0, 2]), "bfloat16"))
+
+
 def test_store_layout_and_manifest(tmp_path):
     store, _, lengths = _full_store(tmp_path / "s")
     root = tmp_path / "s"
@@ -111,8 +151,8 @@ def test_store_layout_and_manifest(tmp_path):
     shard_codec = zarr["codecs"][0]
     assert shard_codec["name"] == "sharding_indexed"
     assert zarr["chunk_grid"]["configuration"]["chunk_shape"] == [S, P, D]
-    assert shard_codec["configuration"]["chunk_shape"] == [1, P, D]
-    assert [c["name"] for c in shard_codec["configuration"]["codecs"]] == ["bytes", "zstd", "crc32c"]
+    assert shard_codec["configuration"]["chunk_shape"] == [1, P, D]  # token chunks of min(32, P) tokens
+    assert [c["name"] for c in shard_codec["configuration"]["codecs"]] == ["bytes", "crc32c"]  # "raw", the default
     assert [c["name"] for c in shard_codec["configuration"]["index_codecs"]] == ["bytes", "crc32c"]
     marker = json.loads((root / "commits" / "shard-00001.json").read_text())
     assert marker["shard"] == 1 and (marker["start"], marker["stop"]) == (4, 8)
@@ -123,7 +163,19 @@ def test_store_layout_and_manifest(tmp_path):
     shape = (m["rows"], m["max_tokens"], m["d_model"], m["dtype"], m["shard_size"], m["num_shards"])
     assert shape == (ROWS, P, D, "bfloat16", S, 3)
     assert m["encoder"] == {"name": "test-encoder", "layers": 2} and m["fingerprint"] == FP
-    assert m["codec"]["zstd_level"] == 1
+    assert m["codec"]["name"] == "raw" and m["codec"]["memory"]["inner_chunk_shape"] == [1, P, D]
+    # --codec zstd: the same layout, zstd between bytes and crc32c
+    _create(tmp_path / "z", codec="zstd", token_chunk=5, zstd_level=3)
+    zarr = json.loads((tmp_path / "z" / "memory" / "zarr.json").read_text())
+    assert zarr["chunk_grid"]["configuration"]["chunk_shape"] == [S, 20, D]  # whole token chunks: 16 -> 20
+    assert zarr["codecs"][0]["configuration"]["chunk_shape"] == [1, 5, D]
+    assert [c["name"] for c in zarr["codecs"][0]["configuration"]["codecs"]] == ["bytes", "zstd", "crc32c"]
+    m = json.loads((tmp_path / "z" / "manifest.json").read_text())
+    assert m["codec"]["name"] == "zstd" and m["codec"]["zstd_level"] == 3
+    with pytest.raises(StoreError, match="codec must be one of raw, zstd"):
+        _create(tmp_path / "x", codec="lz4")
+    with pytest.raises(StoreError, match="token_chunk must be a positive integer"):
+        _create(tmp_path / "x", token_chunk=0)
 
 
 def test_numpy_states_and_padding_zeroed(tmp_path):

@@ -47,13 +47,15 @@ def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def _flip_row_chunk(store, row: int, n_inner: int = S) -> None:
-    """Flip bytes in the middle of passage ``row``'s compressed chunk inside its Zarr shard file."""
+def _flip_row_chunk(store, row: int) -> None:
+    """Flip bytes in the middle of the first token chunk of passage ``row`` inside its Zarr shard file."""
     shard, inner = divmod(row, S)
+    zarr = json.loads((store / "memory" / "zarr.json").read_text())
+    per_row = zarr["chunk_grid"]["configuration"]["chunk_shape"][1] // zarr["codecs"][0]["configuration"]["chunk_shape"][1]
     path = store / "memory" / "c" / str(shard) / "0" / "0"
     raw = bytearray(path.read_bytes())
-    index = raw[-(16 * n_inner + 4): -4]
-    offset, nbytes = struct.unpack_from("<QQ", index, 16 * inner)
+    index = raw[-(16 * S * per_row + 4): -4]
+    offset, nbytes = struct.unpack_from("<QQ", index, 16 * inner * per_row)
     for pos in (offset + nbytes // 3, offset + nbytes // 2):
         raw[pos] ^= 0xFF
     path.write_bytes(bytes(raw))
