@@ -114,7 +114,7 @@ def test_token_chunks_read_directly_equal_tensorstore(tmp_path, dtype, codec, to
         got = ro.read(rows).states
         assert torch.equal(got, _expected(states, lengths, rows, dtype))
         via_tensorstore = ro._read_states_ts(rows, got.shape[1])
-        assert np.array_equal(got.view(torch.uint8).numpy(), via_tensorstore.view(np.uint8).reshape(got.shape[0], got.shape[1], -1))
+        assert np.array_equal(got.view(torch.uint8).numpy(), via_tensorstore.view(np.uint8).reshape(*got.shape[:2], -1))
     # chunks past a passage's length are never stored: the shard file holds only the real tokens' chunks
     per_chunk = token_chunk * D * np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype).itemsize
     if codec == "raw":
