@@ -77,7 +77,7 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
 @click.option("--tokens-per-batch", default=16384, show_default=True,
               help="Padded tokens per batch (batches are formed by this budget over length-sorted passages).")
 @click.option("--codec", type=click.Choice(["raw", "zstd"]), default="raw", show_default=True,
-              help="raw: bytes + crc32c, ~1.08x the real tokens on disk, read without decoding (training reads); "
+              help="raw: bytes + crc32c, ~1.07x the real tokens on disk, read without decoding (training reads); "
                    "zstd: smaller on disk (e.g. buckets), every read decompresses.")
 @click.option("--token-chunk", default=32, show_default=True,
               help="Tokens per stored chunk: reads fetch a passage's chunks, so < T padding tokens per passage.")

@@ -83,17 +83,51 @@ class RawLayout:
         return cls(int(outer[0]), int(inner[1]), int(outer[1]) // int(inner[1]), int(outer[2]) * itemsize)
 
 
+class BatchBuffers:
+    """Hands out batch buffers, reusing one once nothing refers to it any more: faulting in a fresh 200 MB buffer
+    costs about as much as the copy into it.  Every array, view and tensor made from a buffer keeps the buffer
+    alive, so a buffer whose only reference is this pool is free; at most ``keep`` buffers are kept."""
+
+    def __init__(self, keep: int = 6):
+        self.keep = keep
+        self._buffers: list[np.ndarray] = []
+        self._unused = np.empty(0, dtype=np.uint8)  # referred to by the pool alone: the refcount of a free buffer
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A 1-D uint8 array of ``nbytes`` (contents undefined)."""
+        with self._lock:
+            counts = [sys.getrefcount(b) for b in (self._unused, *self._buffers)]
+            free = [b for b, c in zip(self._buffers, counts[1:]) if c == counts[0]]
+            fits = [b for b in free if b.nbytes >= nbytes]
+            if fits:
+                return min(fits, key=lambda b: b.nbytes)[:nbytes]
+            buffer = np.empty(nbytes, dtype=np.uint8)
+            if len(self._buffers) >= self.keep and free:  # make room: forget the smallest free buffer
+                smallest = min(free, key=lambda b: b.nbytes)
+                self._buffers = [b for b in self._buffers if b is not smallest]
+            if len(self._buffers) < self.keep:
+                self._buffers.append(buffer)
+            return buffer[:nbytes]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buffers = []
+
+
 @dataclass
 class _Shard:
-    """One mapped shard file and, per row, the offset of its first chunk and how many chunks follow back to back
-    from token 0.  Rows whose stored chunks lie any other way keep their full index entries in ``irregular``."""
+    """One shard file: per row, the offset of its first chunk and how many chunks follow back to back from token 0
+    (rows whose stored chunks lie any other way keep their full index entries in ``irregular``), and the file's
+    mapping while it is mapped."""
 
     path: str
-    data: np.ndarray | None  # uint8 view of the mapping
+    size: int
     start: np.ndarray  # int64 [S]
     count: np.ndarray  # int64 [S]
     irregular: dict[int, np.ndarray]  # local row -> uint64 [chunks_per_row, 2] (offset, nbytes)
-    mapping: mmap.mmap
+    mapping: mmap.mmap | None = None
+    data: np.ndarray | None = None  # uint8 view of the mapping
 
 
 class RawChunkReader:
@@ -106,32 +140,37 @@ class RawChunkReader:
         self._shards: dict[int, _Shard] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self.buffers = BatchBuffers()
 
     def shard_file(self, shard: int) -> str:
         return os.path.join(self.memory_dir, "c", str(shard), "0", "0")
 
     def close(self) -> None:
-        """Unmap the shard files (their pages can then leave the page cache); the reader maps them again on use."""
+        """Unmap the shard files, so that their pages can leave the page cache; the parsed shard indexes stay, and
+        the next read maps the files again.  Idle batch buffers are freed too."""
+        self.buffers.clear()
         with self._lock:
-            shards, self._shards = self._shards, {}
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
-        for shard in shards.values():
-            shard.data = None
-            shard.mapping.close()
+            for shard in self._shards.values():
+                mapping, shard.mapping, shard.data = shard.mapping, None, None
+                if mapping is not None:
+                    try:
+                        mapping.close()
+                    except BufferError:  # a read in another thread still uses it: unmapped when it is done
+                        pass
 
     # --- shard files -----------------------------------------------------------------------------
 
     def _shard(self, shard: int) -> _Shard:
         found = self._shards.get(shard)
-        if found is None:
+        if found is None or found.data is None:
             with self._lock:
-                found = self._shards.get(shard) or self._open(shard)
-                self._shards[shard] = found
+                found = self._shards.get(shard)
+                if found is None or found.data is None:
+                    found = self._map(shard, found)
+                    self._shards[shard] = found
         return found
 
-    def _open(self, shard: int) -> _Shard:
+    def _map(self, shard: int, known: _Shard | None) -> _Shard:
         lay, path = self.layout, self.shard_file(shard)
         first_row = shard * lay.shard_rows
         try:
@@ -140,6 +179,9 @@ class RawChunkReader:
         except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
             raise ChunkReadError(f"cannot map {path} ({e})", row=first_row, shard=shard, corrupt=False) from e
         data = np.frombuffer(mapping, dtype=np.uint8)
+        if known is not None and known.size == len(data):  # mapped again after close(): the index is known
+            known.mapping, known.data = mapping, data
+            return known
         if len(data) < lay.index_bytes:
             raise ChunkReadError(f"{path} is {len(data)} bytes, shorter than its shard index ({lay.index_bytes} bytes)",
                                  row=first_row, shard=shard, corrupt=True)
@@ -158,9 +200,9 @@ class RawChunkReader:
         k = np.arange(lay.chunks_per_row, dtype=np.uint64)
         in_place = offsets == offsets[:, :1] + k[None, :] * np.uint64(lay.chunk_bytes + 4)
         regular = np.where(k[None, :] < count[:, None], in_place, ~stored).all(axis=1)
-        return _Shard(path=path, data=data, start=np.where(count > 0, offsets[:, 0], 0).astype(np.int64),
+        return _Shard(path=path, size=len(data), start=np.where(count > 0, offsets[:, 0], 0).astype(np.int64),
                       count=count.astype(np.int64), irregular={int(r): entries[r].copy() for r in np.flatnonzero(~regular)},
-                      mapping=mapping)
+                      mapping=mapping, data=data)
 
     # --- batch reads -----------------------------------------------------------------------------
 

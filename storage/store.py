@@ -232,10 +232,10 @@ class MemoryStore:
         self._meta_cache: OrderedDict[int, tuple[pa.Table, np.ndarray]] = OrderedDict()
 
     def close(self) -> None:
-        """Let go of mapped files and open handles now (they are reopened if the store is used again)."""
+        """Unmap the shard files a raw store's reads mapped (their pages can then leave the page cache); the store
+        stays usable and maps them again on the next read."""
         if isinstance(self._chunk_reader, RawChunkReader):
             self._chunk_reader.close()
-        self._reset_handles()
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "manifest": self.manifest, "read_only": self.read_only, "cache_bytes": self.cache_bytes}
@@ -308,7 +308,7 @@ class MemoryStore:
     ) -> MemoryStore:
         """Create a store (complete=False), or reopen it for resuming if it already holds the same encoder's memory.
 
-        ``codec``: "raw" (bytes + crc32c: ~1.08x the real tokens' bytes on disk, fastest to read) or "zstd"
+        ``codec``: "raw" (bytes + crc32c: ~1.07x the real tokens' bytes on disk, fastest to read) or "zstd"
         (smaller on disk, e.g. for buckets; every read decompresses).  ``token_chunk``: tokens per inner chunk.
         """
         path = normalize_path(path)
@@ -805,8 +805,9 @@ class MemoryStore:
             if pin_memory:
                 states = torch.empty(shape, dtype=self.torch_dtype, pin_memory=True)
                 out = states.view(torch.uint8).numpy().reshape(len(rows), -1)
-            else:  # numpy asks the kernel for huge pages: a fresh batch buffer faults in 2-3x faster than torch.empty's
-                out = np.empty((len(rows), p_max * self.d_model * self.numpy_dtype.itemsize), dtype=np.uint8)
+            else:  # a buffer no earlier batch uses any more, or a fresh numpy one (numpy asks for huge pages)
+                out = reader.buffers.take(len(rows) * p_max * self.d_model * self.numpy_dtype.itemsize)
+                out = out.reshape(len(rows), -1)
                 states = torch.from_numpy(out).view(self.torch_dtype).view(shape)
             try:
                 reader.read_into(out, rows, lengths)

@@ -123,6 +123,30 @@ def test_token_chunks_read_directly_equal_tensorstore(tmp_path, dtype, codec, to
         assert stored == chunks * (per_chunk + 4) + 3 * (S * -(-P // token_chunk) * 16 + 4)
     ro.close()  # unmapped; reads reopen
     assert torch.equal(ro.read([2]).states, _expected(states, lengths, np.array([2]), dtype))
+    # batch buffers are reused only once nothing refers to a batch: batches kept alive are never overwritten
+    kept = [(rows, ro.read(rows).states[1:]) for rows in rng.integers(0, ROWS, (12, 5))]
+    for rows, view in kept:
+        assert torch.equal(view, _expected(states, lengths, rows, dtype)[1:])
+
+
+def test_batch_buffers_are_reused_only_when_free():
+    from premem.storage.chunkread import BatchBuffers
+
+    pool = BatchBuffers(keep=2)
+    a = pool.take(100)
+    first = id(a.base)
+    held = torch.from_numpy(a.reshape(10, 10)).view(torch.int16)[2:]  # a view of a tensor of the buffer
+    del a
+    b = pool.take(100)
+    assert id(b.base) != first  # in use through `held`
+    del held
+    c = pool.take(80)
+    assert id(c.base) == first  # free again: reused
+    pool.take(200)  # both kept buffers in use: a fresh one, not kept
+    assert len(pool._buffers) == 2
+    del b
+    d = pool.take(300)  # the free one is too small: replaced by a larger one
+    assert len(pool._buffers) == 2 and any(kept is d.base for kept in pool._buffers)
 
 
 def test_a_corrupt_middle_token_chunk_is_named(tmp_path):
