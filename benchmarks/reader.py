@@ -161,13 +161,13 @@ class Reader:
         return [self.path] if self.path.is_file() else files_under(self.path)
 
 
-def time_reads(batches: list[np.ndarray], reader: Reader, cold: bool) -> float:
+def cold_reads(batches: list[np.ndarray], reader: Reader) -> float:
+    """Mean seconds per batch, every file unmapped and dropped from the page cache before each batch."""
     total = 0.0
     for rows in batches:
-        if cold:
-            reader.close()
-            reader.reopen()
-            drop_cache(reader.files())
+        reader.close()
+        reader.reopen()
+        drop_cache(reader.files())
         started = time.perf_counter()
         reader.read(rows)
         total += time.perf_counter() - started
@@ -207,21 +207,29 @@ def main() -> None:
     lengths = store.lengths(np.arange(args.rows))
     needed = float(np.mean([lengths[b].sum() for b in batches])) * args.d_model * itemsize
 
-    results = {}
-    disk = []
+    cold, disk = {}, []
     for name, reader in readers.items():
         disk.append(sequential_bandwidth(paths["peer"]))
-        cold = time_reads(batches, reader, cold=True)
-        reader.reopen()
-        for rows in batches:  # warm the page cache (and the reader) for these rows
-            reader.read(rows)
-        warm = time_reads(batches, reader, cold=False)
-        results[name] = (cold, warm)
+        cold[name] = cold_reads(batches, reader)
+        if name == "store raw":  # the device on the same byte ranges, right after: the same state of the disk
+            random_s = float(np.mean([random_read_seconds(reader.store, rows) for rows in batches]))
         reader.close()
     disk.append(sequential_bandwidth(paths["peer"]))
+    # warm: every reader's page cache (and the reader) warmed, then the readers take turns on each batch, so that
+    # all of them run in the same state of the machine and of the process's allocator; the median per reader
+    warm_times: dict[str, list[float]] = {name: [] for name in readers}
+    for reader in readers.values():
+        reader.reopen()
+        for rows in batches:
+            reader.read(rows)
+    for _round in range(3):
+        for rows in batches:
+            for name, reader in readers.items():
+                started = time.perf_counter()
+                reader.read(rows)
+                warm_times[name].append(time.perf_counter() - started)
+    results = {name: (cold[name], float(np.median(warm_times[name]))) for name in readers}
     disk_bw = float(np.mean(disk))
-    raw_store = readers["store raw"].store
-    random_s = float(np.mean([random_read_seconds(raw_store, rows) for rows in batches]))
     print(f"\none batch = {args.questions} questions x {args.k} passages = {per_batch} random rows, "
           f"{needed / 2**20:.1f} MiB of real tokens needed (bf16); disk sequential read {disk_bw / 2**20:.0f} MiB/s "
           f"(mean of {len(disk)} passes between the readers: {', '.join(f'{d / 2**20:.0f}' for d in disk)})")
