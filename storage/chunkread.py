@@ -213,18 +213,21 @@ class RawChunkReader:
         cb = lay.chunk_bytes
         want = np.minimum(-(-lengths.astype(np.int64) // lay.token_chunk), -(-out.shape[1] // cb))
         shards = rows // lay.shard_rows
-        plan: list[tuple[_Shard, int, int, int, np.ndarray | None]] = []  # (shard, slot, first offset, chunks, irregular)
+        # (mapped file, its path, out slot, offset of the first chunk, chunks, irregular index entries); holding the
+        # mapped array keeps the mapping alive through a concurrent close()
+        plan: list[tuple[np.ndarray, str, int, int, int, np.ndarray | None]] = []
         for s in np.unique(shards).tolist():
             shard = self._shard(s)
+            data, mapping = shard.data, shard.mapping
             for slot in np.flatnonzero(shards == s).tolist():
                 local = int(rows[slot]) - s * lay.shard_rows
                 entries = shard.irregular.get(local)
                 n = int(want[slot]) if entries is not None else min(int(want[slot]), int(shard.count[local]))
-                plan.append((shard, slot, int(shard.start[local]), n, entries))
-        for shard, _slot, start, n, entries in plan:  # the kernel reads every range at once, ahead of the copies
-            if n and entries is None:
-                page = start - start % _PAGE
-                shard.mapping.madvise(mmap.MADV_WILLNEED, page, start + n * (cb + 4) - page)
+                start = int(shard.start[local])
+                plan.append((data, shard.path, slot, start, n, entries))
+                if n and entries is None:  # the kernel starts reading every range now, ahead of the copies
+                    page = start - start % _PAGE
+                    mapping.madvise(mmap.MADV_WILLNEED, page, start + n * (cb + 4) - page)
         if len(plan) < 64 or self.threads == 1:
             self._copy(out, rows, plan)
             return
@@ -239,18 +242,18 @@ class RawChunkReader:
                 raise error
 
     def _copy(self, out: np.ndarray, rows: np.ndarray, plan: list) -> None:
-        """Copy and check planned rows (numpy copies and crc32c release the GIL, so copy threads run in parallel)."""
+        """Copy planned rows and check their chunks (numpy's copies release the GIL: copy threads run in parallel)."""
         cb, row_bytes = self.layout.chunk_bytes, out.shape[1]
-        for shard, slot, start, n, entries in plan:
+        for data, path, slot, start, n, entries in plan:
             dest = out[slot]
             if entries is None:
-                chunks = shard.data[start:start + n * (cb + 4)].reshape(n, cb + 4)
+                chunks = data[start:start + n * (cb + 4)].reshape(n, cb + 4)
             else:  # chunks stored out of order or with holes: one at a time, missing ones are zeros
                 dest[:] = 0
                 chunks = np.zeros((n, cb + 4), dtype=np.uint8)
                 for c in range(n):
                     if entries[c, 0] != _MISSING:
-                        chunks[c] = shard.data[int(entries[c, 0]):int(entries[c, 0]) + cb + 4]
+                        chunks[c] = data[int(entries[c, 0]):int(entries[c, 0]) + cb + 4]
             whole = min(n, row_bytes // cb)
             dest[:whole * cb].reshape(whole, cb)[...] = chunks[:whole, :cb]
             if whole < n:  # the batch ends inside this chunk
@@ -262,4 +265,4 @@ class RawChunkReader:
                     r = int(rows[slot])
                     raise ChunkReadError(f"row {r}: its chunk of tokens {c * self.layout.token_chunk}.."
                                          f"{(c + 1) * self.layout.token_chunk - 1} fails its crc32c checksum in "
-                                         f"{shard.path}", row=r, shard=int(r // self.layout.shard_rows), corrupt=True)
+                                         f"{path}", row=r, shard=int(r // self.layout.shard_rows), corrupt=True)

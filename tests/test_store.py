@@ -129,6 +129,37 @@ def test_token_chunks_read_directly_equal_tensorstore(tmp_path, dtype, codec, to
         assert torch.equal(view, _expected(states, lengths, rows, dtype)[1:])
 
 
+def test_chunks_in_any_order_and_missing_chunks_read_like_tensorstore(tmp_path):
+    """Zarr lets a shard hold its chunks in any order, and a chunk equal to the fill value may be missing: such
+    rows take the reader's slow path and still read exactly as TensorStore reads them."""
+    import crc32c
+
+    path = tmp_path / "s"
+    _, states, lengths = _full_store(path, token_chunk=4)
+    shard_file = path / "memory" / "c" / "0" / "0" / "0"
+    raw = shard_file.read_bytes()
+    n_index = S * 4
+    index = np.frombuffer(raw[-(16 * n_index + 4):-4], dtype="<u8").reshape(S, 4, 2).copy()
+    body = bytearray()
+    for r, c in reversed([(r, c) for r in range(S) for c in range(4)]):  # every chunk moved, in reverse order
+        offset, nbytes = index[r, c]
+        if offset == 2**64 - 1:
+            continue
+        index[r, c, 0] = len(body)
+        body += raw[int(offset):int(offset + nbytes)]
+    index[1, 2] = 2**64 - 1  # row 1 (P tokens) loses its third chunk: it reads as zeros there
+    table = index.tobytes()
+    shard_file.write_bytes(bytes(body) + table + crc32c.crc32c(table).to_bytes(4, "little"))
+    ro = MemoryStore.open(path)
+    assert ro._raw_reader() is not None
+    rows = np.array([1, 0, 3, 2, 1, 5])
+    got = ro.read(rows).states
+    assert torch.equal(got.view(torch.int16), torch.from_numpy(ro._read_states_ts(rows, got.shape[1]).view(np.int16)))
+    expected = _expected(states, lengths, rows, "bfloat16")
+    expected[[0, 4], 8:12] = 0
+    assert torch.equal(got, expected)
+
+
 def test_batch_buffers_are_reused_only_when_free():
     from premem.storage.chunkread import BatchBuffers
 
