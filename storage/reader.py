@@ -2,8 +2,8 @@
 
 A question set (JSONL: id, question, answers) is joined by question id to a neighbours file (`premem retrieve`)
 and to the memory store it names.  `LumenDataset` is a map-style torch Dataset; its `__getitems__` reads a whole
-batch's B·k passages in one TensorStore call (rows deduplicated, any order), so a DataLoader with automatic
-batching gets a ready `LumenBatch`.  `make_loader` builds the DataLoader (spawn workers, each reopening the
+batch's B·k passages in one store read (`MemoryStore.read`, any order, repeats allowed), so a DataLoader with
+automatic batching gets a ready `LumenBatch`.  `make_loader` builds the DataLoader (spawn workers, each reopening the
 store; disjoint parts per distributed rank), and `Prefetcher` keeps `depth` batches read, pinned and copied to
 the device ahead of the training step.
 
@@ -386,9 +386,10 @@ def make_loader(
 class Prefetcher:
     """Runs a loader `depth` batches ahead in a background thread: reads, pins and copies to `device` meanwhile.
 
-    TensorStore reads release the GIL, so the thread's reads overlap the training step.  On CUDA the copy runs on
-    a side stream from pinned memory (non-blocking) and the consumer's stream waits on it.  `wait_seconds` is the
-    time the loop spent blocked on data.  Memory is bounded: at most `depth` + 1 batches exist at once.
+    Store reads release the GIL (numpy copies, TensorStore), so the thread's reads overlap the training step.  On
+    CUDA the copy runs on a side stream from pinned memory (non-blocking) and the consumer's stream waits on it.
+    `wait_seconds` is the time the loop spent blocked on data.  Memory is bounded: at most `depth` + 1 batches
+    exist at once.
     """
 
     def __init__(self, loader: Iterable[LumenBatch], device: str | torch.device | None = None, depth: int = 2):
