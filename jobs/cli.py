@@ -138,10 +138,10 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(store, as_json):
-    """Summarise a memory STORE: rows, tokens, bytes per token, encoder, shards."""
+    """Summarise a memory STORE: rows, tokens, bytes per token, encoder, retrieval embeddings and index."""
     from premem.storage import MemoryStore
 
-    summary = run_job(lambda: MemoryStore.open(store).summary())
+    summary = run_job(lambda: _store_summary(MemoryStore.open(store)))
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     elif summary.get("kind") == "melodi-longterm":
@@ -152,6 +152,23 @@ def info(store, as_json):
         _echo_summary(summary)
 
 
+def _store_summary(store) -> dict:
+    """The store's summary, plus what its retrieval embeddings and faiss index hold (LUMEN memory stores)."""
+    summary = store.summary()
+    if summary.get("kind") == "melodi-longterm":
+        return summary
+    from premem.storage.embeddings import embedding_committed_shards, retriever_info
+
+    retriever = retriever_info(store)
+    if retriever is not None:
+        summary["embeddings"] = {"retriever": retriever, "committed_shards": len(embedding_committed_shards(store))}
+    index = store.manifest.get("index")
+    if index:
+        stale = retriever is None or (index.get("retriever") or {}).get("fingerprint") != retriever.get("fingerprint")
+        summary["index"] = {**index, "stale": stale}
+    return summary
+
+
 def _echo_summary(s: dict) -> None:
     enc = s.get("encoder", {})
     click.echo(f"store:    {s['path']}")
@@ -159,11 +176,28 @@ def _echo_summary(s: dict) -> None:
                + (" (complete)" if s["committed_shards"] == s["num_shards"] else " (INCOMPLETE: resume with `premem encode`)"))
     click.echo(f"tokens:   {s['tokens']} (max {s['max_tokens']} per passage), d={s['d_model']}, {s['dtype']}")
     on_disk = s.get("memory_bytes_on_disk")
-    click.echo(f"bytes:    {s['logical_bytes'] / 2**20:.1f} MiB of real tokens ({s['logical_bytes_per_token']} B/token raw)"
+    click.echo(f"bytes:    {s['logical_bytes'] / 2**20:.1f} MiB of real tokens "
+               f"({s['logical_bytes_per_token']} B/token in {s['dtype']})"
                + (f", memory {on_disk / 2**20:.1f} MiB on disk ({s['bytes_per_token']:.0f} B/token incl. padding, "
                   f"codec {s.get('codec', 'zstd')})" if on_disk else ""))
     click.echo(f"encoder:  {enc.get('checkpoint')} ({enc.get('arch')}, layers [0, {enc.get('memory_layers')}) "
                f"of {enc.get('num_layers')}), fingerprint {s['fingerprint'][:16]}")
+    emb = s.get("embeddings")
+    if emb is None:
+        click.echo("vectors:  none (add them with `premem encode ... --retriever minilm`)")
+    else:
+        r = emb["retriever"]
+        per = f"up to {r.get('vectors_per_row')} per passage ({r.get('window_words')}-word windows)" if r.get("window_words") \
+            else "1 per passage"
+        click.echo(f"vectors:  {r.get('checkpoint') or r.get('kind')} dim {r.get('dim')}, {per}, in "
+                   f"{emb['committed_shards']}/{s['num_shards']} shards")
+    index = s.get("index")
+    if index is None:
+        click.echo("index:    none" + (f" (build it with `premem index {s['path']}`)" if emb else ""))
+    else:
+        click.echo(f"index:    {index.get('factory')} over {index.get('ntotal')} vectors, {index.get('bytes', 0) / 2**20:.1f} MiB"
+                   + (f"; STALE: built from other embeddings than the store holds, rebuild with `premem index {s['path']}`"
+                      if index["stale"] else ""))
 
 
 @main.command()

@@ -165,7 +165,8 @@ def test_cli_shard_encode_info(tmp_path, plays_corpus, minilm_path):
     assert result.exit_code == 0, result.output
     assert "(complete)" in result.output and "layers [0, 3) of 6" in result.output
     result = _cli("info", tmp_path / "st")
-    assert result.exit_code == 0 and "B/token" in result.output
+    assert result.exit_code == 0 and "B/token" in result.output and "codec raw" in result.output
+    assert "vectors:  minilm dim 384, 1 per passage, in 1/1 shards" in result.output, result.output
 
 
 def test_missing_shard_file_fails_clearly_and_keeps_the_others(tmp_path, minilm_shards, minilm_path):

@@ -255,9 +255,13 @@ def _store_without_embeddings(path, tmp_path):
 def test_cli_index_search_retrieve(store_path, tmp_path):
     path = _copy(store_path, tmp_path)
     runner = CliRunner()
+    result = runner.invoke(main, ["info", str(path)])
+    assert "vectors:  " in result.output and "index:    none (build it with `premem index" in result.output
     result = runner.invoke(main, ["index", str(path), "--factory", "IVF4,Flat"])
     assert result.exit_code == 0, result.output
     assert "index:    IVF4,Flat over" in result.output and "search:   defaults nprobe=" in result.output
+    result = runner.invoke(main, ["info", str(path)])
+    assert result.exit_code == 0 and "index:    IVF4,Flat over" in result.output and "STALE" not in result.output
     passage = MemoryStore.open(str(path)).read_metadata([20]).to_pylist()[0]
     query = " ".join(passage["text"].split()[30:50])
     result = runner.invoke(main, ["search", str(path), query, "-k", "3"])
