@@ -164,12 +164,12 @@ def _build_index(store_path: str, config: IndexConfig, pipeline_args: list[str] 
 
     if config.on_disk:
         faiss.write_index(index, os.path.join(store.path, fx.MERGED))
-        size = os.path.getsize(os.path.join(store.path, fx.MERGED)) + os.path.getsize(
-            os.path.join(store.path, fx.IVFDATA))
+        files = {key: fx.file_digest(os.path.join(store.path, key)) for key in (fx.MERGED, fx.IVFDATA)}
     else:
         data = fx.serialize(index)
         fx.write_index_bytes(store, fx.MERGED, data)
-        size = len(data)
+        files = {fx.MERGED: fx.file_digest(data)}
+    size = sum(f["bytes"] for f in files.values())
     for shard in shards:
         store._kv.delete_range(faiss_key_range(fx.part_key(shard))).result()
     record = {
@@ -200,6 +200,7 @@ def _build_index(store_path: str, config: IndexConfig, pipeline_args: list[str] 
                                                    "window_words", "fingerprint", "memory_fingerprint")
                       if k2 in rinfo},
         "file": fx.MERGED,
+        "files": files,  # size and crc32c of each index file: `premem verify` and loading check them
         "built_at": _now(),
     }
     _write_manifest_key(store, "index", record)

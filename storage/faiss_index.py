@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import crc32c
 import faiss
 import numpy as np
 
@@ -235,6 +236,17 @@ def write_index_bytes(store: MemoryStore, key: str, data: bytes) -> None:
     _kv_write(store._kv, key, data, store.path)
 
 
+def file_digest(source: bytes | str) -> dict:
+    """Size and crc32c of index bytes, or of a local file (read in 64 MiB pieces), as the manifest records them."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return {"bytes": len(source), "crc32c": crc32c.crc32c(source)}
+    value, size = 0, 0
+    with open(source, "rb") as handle:
+        while piece := handle.read(64 << 20):
+            value, size = crc32c.crc32c(piece, value), size + len(piece)
+    return {"bytes": size, "crc32c": value}
+
+
 # --------------------------------------------------------------------------------------------
 # search parameters
 
@@ -357,6 +369,10 @@ def load_index(store: MemoryStore) -> faiss.Index:
         if data is None:
             raise RetrievalError(f"store {store.path} lists an index but {MERGED} is missing: rebuild it with "
                                  f"`premem index {store.path}`")
+        recorded = (info.get("files") or {}).get(MERGED)
+        if recorded is not None and file_digest(data) != recorded:
+            raise RetrievalError(f"{store.path}/{MERGED} is damaged (its size or crc32c differs from what `premem "
+                                 f"index` recorded): rebuild it with `premem index {store.path}`")
         try:
             index = deserialize(data)
         except RuntimeError as e:

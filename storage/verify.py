@@ -9,6 +9,7 @@ Re-encoding a sample of rows needs the encoder, so it lives in ``premem.pipeline
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from premem.storage.store import (
     _check_format,
     _check_not_a_file,
     _is_corruption,
+    _is_local,
     _kv_read,
     _marker_key,
     _meta_key,
@@ -145,8 +147,33 @@ def verify_store(path, *, progress: Callable[[int, int], None] | None = None) ->
         done = verifier(path, manifest, report, progress=progress)
     for name in sorted(_zarr_arrays(kv) - set(done)):  # arrays no kind-specific check read
         _scan_array(path, name, manifest, report)
+    _check_index_files(kv, path, manifest, report)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_index_files(kv: ts.KvStore, path: str, manifest: dict, report: VerifyReport) -> None:
+    """The faiss index files against the size and crc32c `premem index` recorded for them."""
+    from premem.storage.faiss_index import file_digest
+
+    for key, recorded in ((manifest.get("index") or {}).get("files") or {}).items():
+        local = os.path.join(path, key)
+        try:
+            if _is_local(path):
+                found = file_digest(local) if os.path.exists(local) else None
+            else:
+                res = kv.read(key).result()
+                found = file_digest(bytes(res.value)) if res.state == "value" else None
+        except Exception as e:
+            report.add("index", f"cannot be read ({_one_line(e)}): rebuild it with `premem index {path}`", key=key)
+            continue
+        report.checked_arrays.append(key)
+        if found is None:
+            report.add("index", f"missing: rebuild it with `premem index {path}`", key=key)
+        elif found != recorded:
+            report.add("index", f"damaged: {found['bytes']} bytes with crc32c {found['crc32c']:08x}, `premem index` "
+                                f"wrote {recorded['bytes']} bytes with crc32c {recorded['crc32c']:08x}: rebuild it "
+                                f"with `premem index {path}`", key=key)
 
 
 def _zarr_arrays(kv: ts.KvStore) -> set[str]:

@@ -153,6 +153,23 @@ def test_on_disk_ivf_index_gives_the_same_results(store_path, tmp_path):
     np.testing.assert_array_equal(a.rows, b.rows)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
+    # each index file's size and crc32c are recorded; verify checks them, loading checks the in-memory index
+    from premem.storage.verify import verify_store
+
+    assert set(record["files"]) == {"index/index.faiss", "index/ivfdata"}
+    assert verify_store(str(disk)).ok and verify_store(str(memory)).ok
+    for path, key in ((memory, "index/index.faiss"), (disk, "index/ivfdata")):
+        raw = bytearray((path / key).read_bytes())
+        raw[len(raw) // 2] ^= 0x40
+        (path / key).write_bytes(bytes(raw))
+        problems = verify_store(str(path)).problems
+        assert [(p.kind, p.key) for p in problems] == [("index", key)], problems
+        assert "damaged" in problems[0].what and f"premem index {path}" in problems[0].what
+    with pytest.raises(fx.RetrievalError, match=r"index/index.faiss is damaged .*rebuild it with `premem index"):
+        MemoryStore.open(str(memory)).search(queries, 5)
+    (memory / "index" / "index.faiss").unlink()
+    assert [(p.kind, p.what.split(":")[0]) for p in verify_store(str(memory)).problems] == [("index", "missing")]
+
 
 def test_auto_factory_follows_size_and_memory():
     assert fx.auto_factory(1_000, 384, None) == "Flat"
