@@ -34,8 +34,9 @@ def index(ctx, store, factory, max_memory, train_size, on_disk, target_recall):
     click.echo(f"trained:  on {record['train_size']} sampled vectors in {record['train_seconds']:.1f} s; "
                f"{record['shards']} shards added in {record['add_seconds']:.1f} s, merged in "
                f"{record['merge_seconds']:.1f} s; total {record['build_seconds']:.1f} s")
-    tuned = (f" (recall@{record['tuned_k']} {record['tuned_recall_at_k']:.3f} against exact search on stored "
-             f"vectors)") if record["tuned_recall_at_k"] is not None else " (not tuned)"
+    tuned = (f" (recall@{record['tuned_k']} {record['tuned_recall_at_k']:.3f} against exact search on "
+             f"{record.get('tuned_on') or 'exact search itself'})") if record["tuned_recall_at_k"] is not None \
+        else " (not tuned)"
     click.echo(f"search:   defaults {params}{tuned}")
 
 

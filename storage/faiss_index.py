@@ -286,7 +286,7 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, exact_rows: np.n
                        target: float = TARGET_RECALL) -> dict:
     """Smallest nprobe (IVF) / efSearch (HNSW) reaching ``target`` recall@k against exact search.
 
-    Queries are stored vectors (as autofaiss tunes); a margin of 0.01 above target covers unseen queries.
+    A margin of 0.01 above target covers queries beyond the tuning set.
     """
     params: dict[str, Any] = {}
     want = min(1.0, target + 0.01)
@@ -390,7 +390,7 @@ def load_query_encoder(store: MemoryStore, retriever: str | None = None):
     cached = getattr(store, "_query_encoder", None)
     if cached is not None and retriever is None:
         return cached
-    from premem.models.retriever import MEMORY_MEAN, MemoryMeanEmbedder, RetrieverConfig
+    from premem.models.retriever import MEMORY_MEAN, MemoryMeanEmbedder
 
     info = index_info(store)
     recorded = info.get("retriever") or {}
@@ -405,11 +405,7 @@ def load_query_encoder(store: MemoryStore, retriever: str | None = None):
         if retriever == MEMORY_MEAN:
             raise FingerprintMismatch(f"the index of store {store.path} was built from {recorded.get('checkpoint')} "
                                       f"embeddings, not memory-mean: drop --retriever or rebuild the index")
-        config = RetrieverConfig(name=retriever or recorded.get("checkpoint"),
-                                 pooling=recorded.get("pooling", "auto"), max_length=recorded.get("max_length"),
-                                 template=recorded.get("template", "{title}: {text}"),
-                                 window_words=int(recorded.get("window_words") or 0))
-        embedder = config.load_text_embedder()
+        embedder = text_embedder(recorded, retriever)
     if embedder.fingerprint != recorded.get("fingerprint"):
         raise FingerprintMismatch(
             f"the index of store {store.path} holds embeddings of retriever {str(recorded.get('fingerprint'))[:12]} "
@@ -419,6 +415,15 @@ def load_query_encoder(store: MemoryStore, retriever: str | None = None):
     if retriever is None:
         store._query_encoder = embedder
     return embedder
+
+
+def text_embedder(record: dict, name: str | None = None):
+    """The text retriever a manifest record describes (``name``: another checkpoint in its place)."""
+    from premem.models.retriever import RetrieverConfig
+
+    return RetrieverConfig(name=name or record.get("checkpoint"), pooling=record.get("pooling", "auto"),
+                           max_length=record.get("max_length"), template=record.get("template", "{title}: {text}"),
+                           window_words=int(record.get("window_words") or 0)).load_text_embedder()
 
 
 def search_store(store: MemoryStore, queries, k: int = 10, *, nprobe: int | None = None,

@@ -277,6 +277,7 @@ def test_cli_index_search_retrieve(store_path, tmp_path):
     result = runner.invoke(main, ["index", str(path), "--factory", "IVF4,Flat"])
     assert result.exit_code == 0, result.output
     assert "index:    IVF4,Flat over" in result.output and "search:   defaults nprobe=" in result.output
+    assert "against exact search on 36 passage text spans" in result.output, result.output  # tuned on text queries
     result = runner.invoke(main, ["info", str(path)])
     assert result.exit_code == 0 and "index:    IVF4,Flat over" in result.output and "STALE" not in result.output
     passage = MemoryStore.open(str(path)).read_metadata([20]).to_pylist()[0]
