@@ -71,15 +71,16 @@ def run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_pe
     """
     from premem.storage.lease import StoreLease
 
-    with StoreLease(store_path, job="premem compress"):
+    with StoreLease(store_path, job="premem compress") as lease:
         return _run_compress(inputs, store_path, checkpoint, docs_per_shard=docs_per_shard,
                              docs_per_batch=docs_per_batch, dtype=dtype, end_state=end_state, device=device,
-                             fields=fields, max_doc_chars=max_doc_chars, pipeline_args=pipeline_args)
+                             fields=fields, max_doc_chars=max_doc_chars, pipeline_args=pipeline_args,
+                             lease_token=lease.token)
 
 
 def _run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_per_shard: int, docs_per_batch: int,
                   dtype: str, end_state: bool, device: str, fields: FieldNames | None, max_doc_chars: int,
-                  pipeline_args: list[str] | None) -> dict:
+                  pipeline_args: list[str] | None, lease_token: str | None = None) -> dict:
     from premem.models.melodi_ckpt import load_checkpoint
     from premem.pipeline.compress import CompressConfig, CompressDocuments
     from premem.storage.longterm import LongTermStore
@@ -92,7 +93,7 @@ def _run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_p
         raise JobError(f"checkpoint {checkpoint} has no long-term memory (use_long_term=False or L=0): "
                        f"nothing to compress")
     cfg = CompressConfig(checkpoint=checkpoint, fingerprint=loaded.fingerprint, docs_per_shard=docs_per_shard,
-                         docs_per_batch=docs_per_batch, end_state=end_state, device=device)
+                         docs_per_batch=docs_per_batch, end_state=end_state, device=device, lease_token=lease_token)
     store = LongTermStore.create(store_path, config=loaded.model.config.to_dict(), fingerprint=loaded.fingerprint,
                                  dtype=dtype, docs_per_shard=docs_per_shard, end_state=end_state,
                                  checkpoint={"path": checkpoint, "tokenizer": loaded.tokenizer.to_dict()},

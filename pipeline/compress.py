@@ -15,6 +15,7 @@ from apache_beam.utils.shared import Shared
 
 from premem.models.melodi import MelodiLM, MelodiState
 from premem.pipeline.read import Document, DropDuplicateIds, FieldNames, ReadDocuments
+from premem.storage.lease import check_lease
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,7 @@ class CompressConfig:
     docs_per_batch: int = 8
     end_state: bool = True
     device: str = "cpu"
+    lease_token: str | None = None  # the job's writer lease: checked before each shard is committed
 
 
 @torch.inference_mode()
@@ -135,6 +137,8 @@ class CompressShardFn(beam.DoFn):
                     self.loaded.model, tokens, docs_per_batch=self.config.docs_per_batch,
                     end_state=self.config.end_state, pad_id=tok.pad_id):
                 writer.write(i, incs, end_z)
+            if self.config.lease_token is not None:  # a job that lost its writer lease commits nothing more
+                check_lease(self.store_path, self.config.lease_token)
         marker = writer.marker
         self.documents.inc(marker["documents"])
         self.windows.inc(marker["windows"])

@@ -30,6 +30,7 @@ from premem.storage.embeddings import (
     read_shard_embeddings,
     retriever_info,
 )
+from premem.storage.lease import check_lease
 from premem.storage.store import _now
 
 TUNE_SPAN_WORDS = 10  # about one line of verse or a short question
@@ -49,8 +50,9 @@ class IndexConfig:
 class AddShardFn(beam.DoFn):
     """One shard's embeddings -> one index part (the trained index plus that shard's vectors, ids = rows)."""
 
-    def __init__(self, store_path: str):
+    def __init__(self, store_path: str, lease_token: str | None = None):
         self.store_path = store_path
+        self.lease_token = lease_token  # the job's writer lease: checked before each part is written
         self.vectors = beam.metrics.Metrics.counter("premem", "vectors_indexed")
         self.skipped = beam.metrics.Metrics.counter("premem", "index_parts_skipped")
 
@@ -62,6 +64,8 @@ class AddShardFn(beam.DoFn):
         rows, vectors = flatten_vectors(*read_shard_embeddings(self.store, shard))
         part = faiss.clone_index(self.trained)
         fx.add_rows(part, rows, vectors)
+        if self.lease_token is not None:  # a job that lost its writer lease writes nothing more
+            check_lease(self.store_path, self.lease_token)
         fx.write_index_bytes(self.store, fx.part_key(shard), fx.serialize(part))
         self.vectors.inc(len(rows))
         yield {"shard": shard, "vectors": len(rows)}
@@ -70,12 +74,14 @@ class AddShardFn(beam.DoFn):
 class AddShardsToIndex(beam.PTransform):
     """Shard numbers -> one part per shard written into the store; emits a summary per part."""
 
-    def __init__(self, store_path: str):
+    def __init__(self, store_path: str, lease_token: str | None = None):
         super().__init__()
         self.store_path = store_path
+        self.lease_token = lease_token
 
     def expand(self, shards):
-        return shards | "Spread" >> beam.Reshuffle() | "AddShard" >> beam.ParDo(AddShardFn(self.store_path))
+        return (shards | "Spread" >> beam.Reshuffle()
+                | "AddShard" >> beam.ParDo(AddShardFn(self.store_path, self.lease_token)))
 
 
 def _sample_rows(store: MemoryStore, size: int, seed: int) -> np.ndarray:
@@ -93,11 +99,11 @@ def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_a
     """
     from premem.storage.lease import StoreLease
 
-    with StoreLease(store_path, job="premem index"):
-        return _build_index(store_path, config, pipeline_args, log)
+    with StoreLease(store_path, job="premem index") as lease:
+        return _build_index(store_path, config, pipeline_args, log, lease.token)
 
 
-def _build_index(store_path: str, config: IndexConfig, pipeline_args: list[str] | None, log) -> dict:
+def _build_index(store_path: str, config: IndexConfig, pipeline_args: list[str] | None, log, lease_token: str) -> dict:
     started = time.perf_counter()
     store = MemoryStore.open(store_path, read_only=False)
     rinfo = retriever_info(store)
@@ -136,7 +142,7 @@ def _build_index(store_path: str, config: IndexConfig, pipeline_args: list[str] 
     if mergeable:
         log(f"adding {len(shards)} shards in parallel (Beam), one index part each")
         with beam.Pipeline(options=PipelineOptions(list(pipeline_args or []))) as pipeline:
-            _ = pipeline | "Shards" >> beam.Create(shards) | "AddShards" >> AddShardsToIndex(store.path)
+            _ = pipeline | "Shards" >> beam.Create(shards) | "AddShards" >> AddShardsToIndex(store.path, lease_token)
         add_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         index = _merge(store, trained, shards, config.on_disk)

@@ -248,3 +248,26 @@ def test_compress_documents_segment_lengths_agree():
         got = {i: (x, z) for i, x, z in compress_documents(model, docs, docs_per_batch=3, segment_windows=seg)}
         for i in ref:
             assert torch.allclose(ref[i][0], got[i][0], atol=ATOL) and torch.allclose(ref[i][1], got[i][1], atol=ATOL)
+
+
+def test_compress_workers_stop_committing_when_the_lease_is_lost(compressed, tmp_path):
+    from premem.pipeline.compress import CompressConfig, CompressShardFn
+    from premem.pipeline.read import Document
+    from premem.storage.lease import LeaseLost, StoreLease
+
+    root = compressed["root"]
+    store = tmp_path / "store"
+    shutil.copytree(root / "store", store)
+    (store / "commits" / "shard-00001.json").unlink()  # shard 1 still to do
+    shard_1 = [d for d in LongTermStore.open(root / "store").documents() if d["shard"] == 1]
+    docs = [Document(str(root / "docs.jsonl"), 0, d["position"], d["doc_id"], d["title"],
+                     compressed["texts"][d["doc_id"]]) for d in shard_1]
+    with StoreLease(str(store), job="premem compress") as lease:
+        pass  # the job's lease, released (or taken over) before the worker commits
+    config = CompressConfig(checkpoint=str(root / "ckpt"), fingerprint=compressed["fp"], docs_per_shard=3,
+                            docs_per_batch=2, lease_token=lease.token)
+    worker = CompressShardFn(str(store), config)
+    worker.setup()
+    with pytest.raises(LeaseLost, match="released"):
+        list(worker.process((1, docs)))
+    assert not (store / "commits" / "shard-00001.json").exists()

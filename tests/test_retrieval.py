@@ -359,3 +359,19 @@ def test_window_vectors_find_lines_and_score_rows_by_their_best_window(store_pat
     assert np.all(np.diff(result.scores, axis=1) <= 0)
     hits = np.mean([row in found for (_, row), found in zip(pairs, result.rows.tolist(), strict=False)])
     assert hits >= 0.95, f"only {hits:.2%} of lines found their passage in the top 10"
+
+
+def test_index_workers_stop_writing_when_the_lease_is_lost(store_path, tmp_path):
+    from premem.pipeline.index import AddShardFn
+    from premem.storage.lease import LeaseLost, StoreLease
+
+    path = _copy(store_path, tmp_path)
+    build_index(str(path), IndexConfig(factory="IVF4,Flat"))  # leaves index/trained.faiss for the workers
+    with StoreLease(str(path), job="premem index") as lease:
+        worker = AddShardFn(str(path), lease.token)
+        worker.setup()
+        assert [r["shard"] for r in worker.process(0)] == [0]  # held: the part is written
+    with pytest.raises(LeaseLost, match="released"):  # the job's lease is gone: nothing more is written
+        list(worker.process(1))
+    assert (path / "index" / "parts" / "shard-00000.faiss").exists()
+    assert not (path / "index" / "parts" / "shard-00001.faiss").exists()
