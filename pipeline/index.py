@@ -30,7 +30,7 @@ from premem.storage.embeddings import (
     read_shard_embeddings,
     retriever_info,
 )
-from premem.storage.lease import check_lease
+from premem.storage.lease import StoreLease, check_lease
 from premem.storage.store import _now
 
 TUNE_SPAN_WORDS = 10  # about one line of verse or a short question
@@ -97,8 +97,6 @@ def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_a
 
     Holds the store's writer lease while it runs, so it never runs beside an encode job of the same store.
     """
-    from premem.storage.lease import StoreLease
-
     with StoreLease(store_path, job="premem index") as lease:
         return _build_index(store_path, config, pipeline_args, log, lease.token)
 
