@@ -35,11 +35,11 @@ _PAGE = mmap.PAGESIZE
 
 
 class ChunkReadError(RuntimeError):
-    """A chunk that fails its checksum or cannot be read; ``row`` and ``shard`` name it."""
+    """A chunk that fails its checksum (``corrupt``) or cannot be read; ``row`` names it (and so its shard)."""
 
-    def __init__(self, message: str, *, row: int, shard: int, corrupt: bool):
+    def __init__(self, message: str, *, row: int, corrupt: bool):
         super().__init__(message)
-        self.row, self.shard, self.corrupt = row, shard, corrupt
+        self.row, self.corrupt = row, corrupt
 
 
 @dataclass(frozen=True)
@@ -177,17 +177,17 @@ class RawChunkReader:
             with open(path, "rb") as handle:
                 mapping = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
         except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
-            raise ChunkReadError(f"cannot map {path} ({e})", row=first_row, shard=shard, corrupt=False) from e
+            raise ChunkReadError(f"cannot map {path} ({e})", row=first_row, corrupt=False) from e
         data = np.frombuffer(mapping, dtype=np.uint8)
         if known is not None and known.size == len(data):  # mapped again after close(): the index is known
             known.mapping, known.data = mapping, data
             return known
         if len(data) < lay.index_bytes:
             raise ChunkReadError(f"{path} is {len(data)} bytes, shorter than its shard index ({lay.index_bytes} bytes)",
-                                 row=first_row, shard=shard, corrupt=True)
+                                 row=first_row, corrupt=True)
         if crc32c.crc32c(data[len(data) - lay.index_bytes:]) != _CRC_RESIDUE:
             raise ChunkReadError(f"the shard index at the end of {path} fails its crc32c checksum", row=first_row,
-                                 shard=shard, corrupt=True)
+                                 corrupt=True)
         entries = data[len(data) - lay.index_bytes:-4].view("<u8").reshape(lay.shard_rows, lay.chunks_per_row, 2)
         offsets, nbytes = entries[..., 0], entries[..., 1]
         stored = offsets != _MISSING
@@ -195,7 +195,7 @@ class RawChunkReader:
         if bad.any():
             r = first_row + int(np.argwhere(bad)[0, 0])
             raise ChunkReadError(f"the shard index of {path} points outside the file or at a chunk of the wrong size "
-                                 f"(row {r})", row=r, shard=shard, corrupt=True)
+                                 f"(row {r})", row=r, corrupt=True)
         count = np.cumprod(stored, axis=1).sum(axis=1)  # stored chunks from token 0 on
         k = np.arange(lay.chunks_per_row, dtype=np.uint64)
         in_place = offsets == offsets[:, :1] + k[None, :] * np.uint64(lay.chunk_bytes + 4)
@@ -265,4 +265,4 @@ class RawChunkReader:
                     r = int(rows[slot])
                     raise ChunkReadError(f"row {r}: its chunk of tokens {c * self.layout.token_chunk}.."
                                          f"{(c + 1) * self.layout.token_chunk - 1} fails its crc32c checksum in "
-                                         f"{path}", row=r, shard=int(r // self.layout.shard_rows), corrupt=True)
+                                         f"{path}", row=r, corrupt=True)
