@@ -1,40 +1,49 @@
 """The `premem` command line.
 
-Options the CLI does not know are handed to Apache Beam unchanged, so any
-pipeline option works (`--runner=DataflowRunner --project=... --region=...`,
-`--direct_num_workers=2 --direct_running_mode=multi_processing`). Give Beam
-options as `--name=value`.
+Commands that run a Beam pipeline hand Apache Beam's own pipeline options to it unchanged, so any pipeline option
+works (`--runner=DataflowRunner --project=... --region=...`, `--direct_num_workers 2
+--direct_running_mode=multi_processing`); an option neither premem nor Beam knows is an error naming the nearest one.
+Nothing heavy (torch, transformers, Beam) is imported before a command runs, so `--help` is instant.
 """
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import click
 
-from premem.jobs.clitools import BEAM_ARGS, ProgressBar, run_job, split_beam_args
-from premem.models import DEFAULT_TEMPLATE
-from premem.pipeline.read import FieldNames
-from premem.pipeline.shard import ShardConfig
+from premem.jobs.clitools import (
+    DEFAULT_TEMPLATE_TEXT,
+    BeamCommand,
+    PrememGroup,
+    ProgressBar,
+    listing,
+    quiet_beam,
+    run_job,
+)
+
+_HINTS = "premem.summary_hints"  # ctx.meta key: False when a command runs inside `premem demo`
 
 
-@click.group()
+@click.group(cls=PrememGroup)
 @click.version_option(package_name="premem")
 def main() -> None:
-    """premem: pre-encode text corpora into stored memory for LUMEN and MELODI."""
-    # Errors reach the user once, from here; Beam would log each worker failure's traceback as well.
-    logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
+    """premem: pre-encode text corpora into stored memory for LUMEN and MELODI.
+
+    The commands in the order data flows: shard -> encode -> index -> retrieve / search -> train-lumen;
+    compress -> train-melodi for MELODI; info and verify on any store.
+    """
+    quiet_beam()
 
 
-@main.command(context_settings=BEAM_ARGS)
+@main.command(cls=BeamCommand, short_help="Split corpus files into tokenized passage shards.")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Directory (local or gs://) for the Parquet passage shards.")
 @click.option("--tokenizer", required=True, help="Checkpoint directory whose tokenizer to use, or 'minilm'.")
 @click.option("--passage-words", default=100, show_default=True, help="Words per passage (DPR-style split).")
 @click.option("--max-tokens", default=256, show_default=True, help="Tokens kept per passage (truncation).")
 @click.option("--shard-size", default=1024, show_default=True, help="Passages per shard.")
-@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True,
+@click.option("--template", default=None, show_default=DEFAULT_TEMPLATE_TEXT,
               help="Passage rendering; only {title} and {text}.")
 @click.option("--id-field", default="id", show_default=True)
 @click.option("--title-field", default="title", show_default=True)
@@ -46,12 +55,14 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
           text_field, max_doc_chars):
     """Split INPUTS (.jsonl/.parquet/.txt files, dirs, globs; local or gs://) into tokenized passage shards."""
     from premem.jobs.run import run_shard
+    from premem.pipeline.read import FieldNames
+    from premem.pipeline.shard import ShardConfig
 
-    inputs, beam_args = split_beam_args(list(inputs) + ctx.args)
     config = ShardConfig(tokenizer=tokenizer, passage_words=passage_words, max_tokens=max_tokens,
-                         shard_size=shard_size, template=template, max_doc_chars=max_doc_chars,
-                         fields=FieldNames(id=id_field, title=title_field, text=text_field))
-    index = run_job(run_shard, inputs, out, config, beam_args)
+                         shard_size=shard_size, max_doc_chars=max_doc_chars,
+                         fields=FieldNames(id=id_field, title=title_field, text=text_field),
+                         **({} if template is None else {"template": template}))
+    index = run_job(run_shard, list(inputs), out, config, ctx.args)
     records = index["records"]
     click.echo(f"{records['input']} input records = {records['accepted']} accepted + {records['rejected']} rejected"
                + (f" (see {out}/rejects.jsonl)" if records["rejected"] else ""))
@@ -62,13 +73,14 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
                f"in {index['num_shards']} shards under {out}")
 
 
-@main.command(context_settings=BEAM_ARGS)
+@main.command(cls=BeamCommand, short_help="Encode passage shards into a memory store (first K layers).")
 @click.argument("shards")
 @click.option("--store", required=True, help="Store directory (local or gs://) to create or resume.")
 @click.option("--encoder", required=True, help="Checkpoint directory (local or gs://), or 'minilm'.")
 @click.option("--memory-layers", "-k", type=int, help="K: frozen layers [0, K) whose output is stored.")
 @click.option("--live-fraction", type=float, help="α: K = round((1-α)·L), instead of --memory-layers.")
-@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True)
+@click.option("--template", default=None, show_default=DEFAULT_TEMPLATE_TEXT,
+              help="Passage rendering; only {title} and {text}.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="Stored dtype.")
 @click.option("--compute-dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
@@ -108,8 +120,8 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
     if (memory_layers is None) == (live_fraction is None):
         raise click.UsageError("give exactly one of --memory-layers K or --live-fraction α")
     config = EncoderConfig(checkpoint=encoder, memory_layers=memory_layers, live_fraction=live_fraction,
-                           template=template, device=device, compute_dtype=compute_dtype,
-                           tokens_per_batch=tokens_per_batch)
+                           device=device, compute_dtype=compute_dtype, tokens_per_batch=tokens_per_batch,
+                           **({} if template is None else {"template": template}))
     from premem.models.retriever import NONE, RetrieverConfig
 
     retriever_config = None if retriever == NONE else RetrieverConfig(
@@ -117,9 +129,8 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
         window_words=retriever_window_words)
     with ProgressBar(progress) as report:
         summary = run_job(run_encode, shards, store, config, dtype=dtype, codec=codec, token_chunk=token_chunk,
-                          zstd_level=zstd_level,
-                       pipeline_args=ctx.args, progress=report, repair=repair, force_unlock=force_unlock,
-                          retriever=retriever_config)
+                          zstd_level=zstd_level, pipeline_args=ctx.args, progress=report, repair=repair,
+                          force_unlock=force_unlock, retriever=retriever_config)
     run = summary["run"]
     if run.get("lease_taken_over"):
         click.echo(f"took over the writer lease of a dead job ({run['lease_taken_over']})")
@@ -129,19 +140,22 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
         click.echo(f"retrieval embeddings: memory of {run['embedded_only']} shards was already complete, computed "
                    f"only their embeddings ({retriever})")
     if repair:
-        listed = f" ({run['repaired_shards']})" if run["repaired"] else ""
+        listed = f" ({run['repaired_shards']})" if run["repaired"] else ""  # tests/test_verify.py pins "([1])"
         click.echo(f"repair: {run['repaired']} bad shards redone{listed}")
-    _echo_summary(summary)
+    if ctx.meta.get(_HINTS, True):  # `premem demo` prints the summary once its index is built
+        from premem.storage import MemoryStore
+
+        _echo_summary(run_job(lambda: _store_summary(MemoryStore.open(store), summary)))
 
 
-@main.command()
+@main.command(short_help="Summarise a store: rows, tokens, encoder, vectors, index.")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info(store, as_json):
     """Summarise a memory STORE: rows, tokens, bytes per token, encoder, retrieval embeddings and index."""
-    from premem.storage import MemoryStore
+    from premem.storage import open_store
 
-    summary = run_job(lambda: _store_summary(MemoryStore.open(store)))
+    summary = run_job(lambda: _store_summary(open_store(store)))
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     elif summary.get("kind") == "melodi-longterm":
@@ -152,9 +166,10 @@ def info(store, as_json):
         _echo_summary(summary)
 
 
-def _store_summary(store) -> dict:
-    """The store's summary, plus what its retrieval embeddings and faiss index hold (LUMEN memory stores)."""
-    summary = store.summary()
+def _store_summary(store, summary: dict | None = None) -> dict:
+    """The store's summary (or ``summary``, one a job returned), plus what its retrieval embeddings and faiss index
+    hold (LUMEN memory stores)."""
+    summary = dict(summary or store.summary())
     if summary.get("kind") == "melodi-longterm":
         return summary
     from premem.storage.embeddings import embedding_committed_shards, retriever_info
@@ -169,7 +184,8 @@ def _store_summary(store) -> dict:
     return summary
 
 
-def _echo_summary(s: dict) -> None:
+def _echo_summary(s: dict, hints: bool = True) -> None:
+    """The store summary, one sentence-like line per part; ``hints``: say which command adds what is missing."""
     enc = s.get("encoder", {})
     click.echo(f"store:    {s['path']}")
     click.echo(f"rows:     {s['committed_rows']}/{s['rows']} committed in {s['committed_shards']}/{s['num_shards']} shards"
@@ -184,7 +200,7 @@ def _echo_summary(s: dict) -> None:
                f"of {enc.get('num_layers')}), fingerprint {s['fingerprint'][:16]}")
     emb = s.get("embeddings")
     if emb is None:
-        click.echo("vectors:  none (add them with `premem encode ... --retriever minilm`)")
+        click.echo("vectors:  none" + (" (add them with `premem encode ... --retriever minilm`)" if hints else ""))
     else:
         r = emb["retriever"]
         per = f"up to {r.get('vectors_per_row')} per passage ({r.get('window_words')}-word windows)" if r.get("window_words") \
@@ -193,14 +209,14 @@ def _echo_summary(s: dict) -> None:
                    f"{emb['committed_shards']}/{s['num_shards']} shards")
     index = s.get("index")
     if index is None:
-        click.echo("index:    none" + (f" (build it with `premem index {s['path']}`)" if emb else ""))
+        click.echo("index:    none" + (f" (build it with `premem index {s['path']}`)" if emb and hints else ""))
     else:
         click.echo(f"index:    {index.get('factory')} over {index.get('ntotal')} vectors, {index.get('bytes', 0) / 2**20:.1f} MiB"
                    + (f"; STALE: built from other embeddings than the store holds, rebuild with `premem index {s['path']}`"
                       if index["stale"] else ""))
 
 
-@main.command()
+@main.command(short_help="Shakespeare end to end: shard, encode, index, search.")
 @click.option("--workdir", default="out/demo", show_default=True, help="Where the corpus, shards and store go.")
 @click.option("--plays", type=int, default=None, help="Only the first N plays (default: all 37).")
 @click.option("--memory-layers", "-k", default=4, show_default=True)
@@ -220,26 +236,31 @@ def demo(ctx, workdir, plays, memory_layers, window_words, lines):
     corpus = write_plays_jsonl(work / "plays.jsonl", limit=plays)
     click.echo(f"corpus: {corpus}")
     ctx.invoke(shard, inputs=(str(corpus),), out=str(work / "shards"), tokenizer="minilm")
+    ctx.meta[_HINTS] = False  # the summary (with its "add vectors / build the index" hints) waits for the index
     ctx.invoke(encode, shards=str(work / "shards"), store=str(work / "store"), encoder="minilm",
                memory_layers=memory_layers, retriever="minilm", retriever_window_words=window_words)
     ctx.invoke(index, store=str(work / "store"), factory="Flat")  # ~10^5 vectors: exact search is cheap
     store = MemoryStore.open(str(work / "store"))
+    _echo_summary(_store_summary(store))
     rows = [0, store.rows // 2, store.rows - 1]
     batch = store.read(rows)
     meta = store.read_metadata(rows).to_pylist()
-    click.echo(f"sample read of rows {rows}: states {tuple(batch.states.shape)} {batch.states.dtype}, "
-               f"mask {tuple(batch.mask.shape)}, lengths {batch.lengths.tolist()}")
+    click.echo(f"sample read of rows {listing(rows)}: states {' x '.join(map(str, batch.states.shape))} "
+               f"{batch.states.dtype}, mask {' x '.join(map(str, batch.mask.shape))}, lengths "
+               f"{listing(batch.lengths.tolist())} tokens")
     for record in meta:
         click.echo(f"  row {record['row']}: {record['title']} #{record['passage']}: {record['text'][:70]}...")
 
     every = store.read_metadata(np.arange(store.rows)).to_pylist()
     pairs = lines_in_passages(corpus, {(m["doc_id"], m["passage"]): m["row"] for m in every}, count=lines)
-    found = store.search([line for line, _ in pairs], 10).rows.tolist()
+    from premem.models.retriever import query_encoder
+
+    found = store.search([line for line, _ in pairs], 10, encoder=query_encoder(store.manifest)).rows.tolist()
     top10 = sum(row in hits for (_, row), hits in zip(pairs, found, strict=True))
     click.echo(f"retrieval: {top10}/{len(pairs)} random lines ({top10 / max(len(pairs), 1):.1%}) find their own "
                "passage in the top 10")
     line, row = pairs[0]
-    click.echo(f'  e.g. "{line}" -> rows {found[0][:5]} (its passage: row {row})')
+    click.echo(f'  e.g. "{line}" -> rows {", ".join(map(str, found[0][:5]))}, ... (its passage: row {row})')
 
 
 # Commands of the other capabilities live in their own modules.
@@ -263,4 +284,4 @@ main.add_command(lumen_demo_command)
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="premem")

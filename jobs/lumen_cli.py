@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from premem.jobs.clitools import run_job
+from premem.jobs.clitools import PrememCommand, run_job
 
 
-@click.command("train-lumen")
+@click.command("train-lumen", cls=PrememCommand, short_help="Fine-tune a LUMEN model on stored memory.")
 @click.option("--checkpoint", required=True, help="T5 checkpoint directory (T5ForConditionalGeneration layout).")
 @click.option("--store", required=True, help="Memory store encoded from the same checkpoint (`premem encode`).")
 @click.option("--questions", required=True, help="JSONL with id, question, answers (or answer).")
@@ -49,7 +49,8 @@ def train_lumen_command(checkpoint, store, questions, neighbors, out, eval_quest
     click.echo(f"metrics: {out}/metrics.json, model: {out}/model")
 
 
-@click.command("lumen-demo")
+@click.command("lumen-demo", cls=PrememCommand,
+               short_help="Shakespeare LUMEN demo: training with and without retrieval.")
 @click.option("--workdir", default="out/lumen-demo", show_default=True)
 @click.option("--plays", default=8, show_default=True, help="Plays in the corpus (at most 8).")
 @click.option("--steps", default=150, show_default=True)

@@ -5,8 +5,7 @@ import json
 
 import click
 
-from premem.jobs.clitools import BEAM_ARGS, fail, run_job, split_beam_args
-from premem.pipeline.read import FieldNames
+from premem.jobs.clitools import BeamCommand, PrememCommand, fail, run_job
 
 # A small shape that trains on a CPU in minutes (bytes: vocab 257).
 SMALL = dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, W=128, S=32, Su=32, L=16, Q_max=16,
@@ -38,7 +37,7 @@ def model_config(name: str, overrides: tuple[str, ...]):
         fail(ValueError(f"--config {name} {' '.join(overrides)}: {e}"))
 
 
-@click.command("train-melodi")
+@click.command("train-melodi", cls=PrememCommand, short_help="Train MELODI on long documents (bytes as tokens).")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Checkpoint directory; an existing one is resumed.")
 @click.option("--config", "config_name", default="small", show_default=True,
@@ -64,6 +63,7 @@ def train_melodi(inputs, out, config_name, overrides, steps, batch_size, segment
     from premem.jobs.melodi_run import run_train_melodi
     from premem.models.melodi_train import TrainConfig
     from premem.pipeline.encode import cpu_has_native_bf16
+    from premem.pipeline.read import FieldNames
 
     config = model_config(config_name, overrides)
     bf16 = precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
@@ -81,7 +81,7 @@ def train_melodi(inputs, out, config_name, overrides, steps, batch_size, segment
                    f"perplexity {h['ppl']:.3f}")
 
 
-@click.command(context_settings=BEAM_ARGS)
+@click.command(cls=BeamCommand, short_help="Pre-encode MELODI long-term memory of documents into a store.")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--store", required=True, help="Long-term memory store directory (local or gs://) to create or resume.")
 @click.option("--checkpoint", required=True, help="MELODI checkpoint directory (from `premem train-melodi`).")
@@ -98,11 +98,11 @@ def train_melodi(inputs, out, config_name, overrides, steps, batch_size, segment
 def compress(ctx, inputs, store, checkpoint, docs_per_shard, docs_per_batch, dtype, end_state, device, text_field):
     """Pre-encode the long-term memory of every window of the documents in INPUTS into STORE."""
     from premem.jobs.melodi_run import run_compress
+    from premem.pipeline.read import FieldNames
 
-    inputs, beam_args = split_beam_args(list(inputs) + ctx.args)
-    s = run_job(run_compress, inputs, store, checkpoint, docs_per_shard=docs_per_shard,
+    s = run_job(run_compress, list(inputs), store, checkpoint, docs_per_shard=docs_per_shard,
                 docs_per_batch=docs_per_batch, dtype=dtype, end_state=end_state, device=device,
-                fields=FieldNames(text=text_field), pipeline_args=beam_args)
+                fields=FieldNames(text=text_field), pipeline_args=ctx.args)
     rejects = s["rejects"]
     click.echo(f"{s['documents'] + len(rejects)} input records = {s['documents']} documents + {len(rejects)} rejected"
                + (f" (see {s['rejects_path']})" if rejects else ""))

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from premem.jobs.clitools import fail, run_job
+from premem.jobs.clitools import PrememCommand, fail, run_job
+from premem.jobs.clitools import ranges as _ranges
 
 
 def run_verify(store_path: str, *, sample: int = 0, seed: int = 0, device: str = "cpu", progress=None):
@@ -16,7 +17,7 @@ def run_verify(store_path: str, *, sample: int = 0, seed: int = 0, device: str =
 
     report = verify_store(store_path, progress=progress)
     if sample > 0 and report.kind == "lumen-memory" and report.committed_shards:
-        from premem.pipeline.recheck import recheck_rows, sample_rows
+        from premem.jobs.recheck import recheck_rows, sample_rows
 
         store = MemoryStore.open(store_path)
         rows = sample_rows(store, sample, seed, exclude=report.bad_rows)
@@ -35,7 +36,7 @@ def run_verify(store_path: str, *, sample: int = 0, seed: int = 0, device: str =
     return report
 
 
-@click.command()
+@click.command(cls=PrememCommand, short_help="Check a store is whole, or name its bad shards and rows.")
 @click.argument("store")
 @click.option("--sample", type=int, default=0, show_default=True,
               help="Also re-encode N random rows with the recorded encoder and compare them with the store.")
@@ -80,18 +81,3 @@ def verify(store, sample, seed, device, as_json):
                    f"--repair to redo exactly those shards")
     sys.exit(1)
 
-
-def _ranges(values: list[int]) -> str:
-    """[1, 2, 3, 7] -> '1-3, 7'."""
-    out, start, prev = [], None, None
-    for v in values:
-        if start is None:
-            start = prev = v
-        elif v == prev + 1:
-            prev = v
-        else:
-            out.append(f"{start}-{prev}" if prev != start else f"{start}")
-            start = prev = v
-    if start is not None:
-        out.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ", ".join(out)
