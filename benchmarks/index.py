@@ -115,7 +115,7 @@ def _qps(search, queries: np.ndarray, repeats: int = 3) -> float:
 
 
 def bench_ann(args) -> None:
-    from premem.pipeline.index import IndexConfig, build_index
+    from premem.jobs.index import IndexConfig, build_index
     from premem.storage import MemoryStore
     from premem.storage.faiss_index import parse_memory, recall_at_k
 
@@ -165,11 +165,11 @@ def bench_ann(args) -> None:
 
 
 def bench_lines(args) -> None:
+    from premem.jobs.index import IndexConfig, build_index
     from premem.jobs.run import run_encode, run_shard
     from premem.jobs.sample import lines_in_passages, write_plays_jsonl
-    from premem.models.retriever import RetrieverConfig
+    from premem.models.retriever import RetrieverConfig, query_encoder
     from premem.pipeline.encode import EncoderConfig
-    from premem.pipeline.index import IndexConfig, build_index
     from premem.pipeline.shard import ShardConfig
     from premem.storage import MemoryStore
 
@@ -191,7 +191,7 @@ def bench_lines(args) -> None:
     row_of = {(m["doc_id"], m["passage"]): m["row"] for m in meta}
     pairs = lines_in_passages(corpus, row_of, count=args.sample)
     t0 = time.perf_counter()
-    result = store.search([line for line, _ in pairs], 10)
+    result = store.search([line for line, _ in pairs], 10, encoder=query_encoder(store.manifest))
     seconds = time.perf_counter() - t0
     top10 = np.mean([row in found for (_, row), found in zip(pairs, result.rows.tolist(), strict=True)])
     top1 = np.mean([row == found[0] for (_, row), found in zip(pairs, result.rows.tolist(), strict=True)])

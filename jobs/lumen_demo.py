@@ -126,11 +126,11 @@ def run_lumen_demo(workdir: str, *, plays: int = 8, words_per_play: int = 4000, 
                    live_fraction: float = 0.5, k: int = 4, steps: int = 150, batch_size: int = 16, lr: float = 2e-3,
                    seed: int = 0, log: Callable[[str], None] = print) -> dict:
     """Builds the demo under `workdir`, trains with retrieval (k) and without (k=0); returns both runs' metrics."""
+    from premem.jobs.index import IndexConfig, build_index
+    from premem.jobs.retrieve import RetrieveConfig, retrieve
     from premem.jobs.run import run_encode, run_shard
     from premem.models.retriever import RetrieverConfig
     from premem.pipeline.encode import EncoderConfig
-    from premem.pipeline.index import IndexConfig, build_index
-    from premem.pipeline.retrieve import RetrieveConfig, retrieve
     from premem.pipeline.shard import ShardConfig
     from premem.storage import MemoryStore
 

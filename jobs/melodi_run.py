@@ -7,7 +7,7 @@ from collections.abc import Callable
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from premem.jobs.run import JobError, _options
+from premem.jobs.run import JobError, pipeline_options
 from premem.pipeline.read import Document, FieldNames, ReadDocumentsFn, Reject, expand_inputs
 
 
@@ -100,7 +100,7 @@ def _run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_p
                                  inputs=files)
     del loaded
     rejects_path = FileSystems.join(store.path, "rejects.jsonl")
-    with beam.Pipeline(options=_options(pipeline_args)) as pipeline:
+    with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
         _ = pipeline | "Compress" >> CompressDocuments(files, store.path, cfg, rejects_path, fields, max_doc_chars)
     with FileSystems.open(rejects_path) as handle:
         rejects = [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]

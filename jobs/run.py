@@ -11,18 +11,19 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from premem.models.retriever import RetrieverConfig, memory_mean_info, windows_per_row
 from premem.pipeline.encode import EncoderConfig, EncodeShards
 from premem.pipeline.read import expand_inputs
 from premem.pipeline.shard import INDEX_FORMAT, ShardConfig, ShardCorpus, read_index
+from premem.storage import MemoryStore, layout
+from premem.storage.embeddings import discard_shard_embeddings, embedding_committed_shards, prepare_embeddings
+from premem.storage.errors import InputError, PrememError
+from premem.storage.lease import DEFAULT_TTL, StoreLease
+from premem.storage.verify import verify_store
 
-FAILURES_FILE = "failed-shards.jsonl"
+JobError = PrememError  # a problem the user can fix; the CLI prints it as one line
 
-
-class JobError(RuntimeError):
-    """A problem the user can fix; the CLI prints it as one line."""
-
-
-def _options(pipeline_args: list[str] | None) -> PipelineOptions:
+def pipeline_options(pipeline_args: list[str] | None) -> PipelineOptions:
     return PipelineOptions(list(pipeline_args or []))
 
 
@@ -44,7 +45,7 @@ def run_shard(inputs: list[str], out_dir: str, config: ShardConfig, pipeline_arg
         "shard_size": config.shard_size,
         "fields": dataclasses.asdict(config.fields),
     }
-    with beam.Pipeline(options=_options(pipeline_args)) as pipeline:
+    with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
         _ = pipeline | "Shard" >> ShardCorpus(files, out_dir, config, header)
     return read_index(out_dir)
 
@@ -61,8 +62,6 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
     runs (a second writer is refused); `repair` first verifies every chunk and
     redoes the shards that fail.
     """
-    from premem.storage.lease import DEFAULT_TTL, StoreLease
-
     lease = StoreLease(store_path, job="premem encode", ttl=lease_ttl or DEFAULT_TTL, force=force_unlock)
     with lease:
         summary = _run_encode(shards_dir, store_path, config, dtype=dtype, codec=codec, token_chunk=token_chunk,
@@ -79,7 +78,6 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
                 pipeline_args: list[str] | None, progress: Callable[[int, int], None] | None, repair: bool,
                 lease, retriever=None) -> dict:
     from premem.models import tokenizer_fingerprint
-    from premem.storage import MemoryStore
 
     index = read_index(shards_dir)
     if index["rows"] == 0:
@@ -114,15 +112,13 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
              "new": len(todo) - len(redone) - len(repaired)}
     retriever_fingerprint, embed_only = None, set()
     if retriever is not None:  # a RetrieverConfig: retrieval embeddings in the same pass, or alone where memory is done
-        from premem.pipeline.embed import prepare_store_embeddings
-
         retriever_fingerprint, embed_only = prepare_store_embeddings(store, retriever, committed)
         todo += [entry for entry in index["shards"] if entry["shard"] in embed_only]
     stats["embedded_only"] = len(embed_only)
     if todo:
         watcher = _watch_commits(store, index["num_shards"], progress) if progress else contextlib.nullcontext()
-        failures_path = FileSystems.join(store_path, FAILURES_FILE)
-        with watcher, beam.Pipeline(options=_options(pipeline_args)) as pipeline:
+        failures_path = FileSystems.join(store_path, layout.FAILURES)
+        with watcher, beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
             _ = (
                 pipeline
                 | "Shards" >> beam.Create(todo)
@@ -142,20 +138,34 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
     return summary
 
 
-def _discard_bad_shards(store) -> list[int]:
+def _discard_bad_shards(store: MemoryStore) -> list[int]:
     """`--repair`: verify every committed shard (structure and checksums) and forget the bad ones."""
-    from premem.storage.verify import verify_store
-
     report = verify_store(store.path)
     bad = sorted(s for s in report.bad_shards if s not in report.uncommitted_shards)
     for shard in bad:  # the whole shard is redone: memory, lengths, metadata and its retrieval embeddings
         store.discard_shard(shard)
-        for key in (f"embedding-commits/shard-{shard:05d}.json", f"embeddings/c/{shard}/0"):
-            try:
-                store._kv.write(key, None).result()
-            except Exception as err:
-                raise JobError(f"--repair: cannot delete {key} of store {store.path} ({err})") from err
+        discard_shard_embeddings(store, shard)
     return bad
+
+
+def _retriever_record(config: RetrieverConfig, memory_fingerprint: str, d_model: int) -> dict:
+    """The manifest record of the retriever (loads a text retriever once, in the driver, for its fingerprint)."""
+    if config.is_memory_mean:
+        if config.window_words:
+            raise InputError("--retriever-window-words needs a retriever checkpoint, not memory-mean")
+        return memory_mean_info(memory_fingerprint, d_model)
+    return config.load_text_embedder().info()
+
+
+def prepare_store_embeddings(store, config: RetrieverConfig, memory_committed: set[int]) -> tuple[str, set[int]]:
+    """Create (or check) the store's embeddings for ``config``; returns the retriever fingerprint and the shards
+    whose memory is committed but whose embeddings are not (they get embeddings only, no memory re-encode)."""
+    info = _retriever_record(config, store.fingerprint, store.d_model)
+    if info.get("window_words"):
+        passage_words = int((store.manifest.get("extra") or {}).get("passage_words", 100))
+        info["vectors_per_row"] = windows_per_row(passage_words, int(info["window_words"]))
+    prepare_embeddings(store, info)
+    return info["fingerprint"], set(memory_committed) - embedding_committed_shards(store)
 
 
 @contextlib.contextmanager

@@ -9,19 +9,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from premem.storage.errors import CheckpointError, one_line
+
+__all__ = ["MINILM", "CheckpointError", "one_line", "resolve_checkpoint"]
+
 MINILM = "minilm"
 _COMPLETE = ".premem-complete"
 _URL = re.compile(r"[a-zA-Z][-a-zA-Z0-9+.]*://")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or encoder setting cannot be used; the one-line message says what to do instead."""
-
-
-def one_line(error: Exception) -> str:
-    """Type and first message line of a third-party error, to quote inside a one-line CheckpointError."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def resolve_checkpoint(path: str) -> Path:

@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, resolve_checkpoint
+from premem.storage.errors import CheckpointError, FingerprintMismatch, RetrievalError
+
+from .checkpoint import resolve_checkpoint
 from .encoder import MemoryEncoder, _load_encoder, _load_tokenizer, token_budget_batches, tokenizer_fingerprint
 
 NONE = "none"
@@ -293,3 +295,28 @@ def _text_fingerprint(model, tokenizer_hash: str, pooling: str, max_length: int,
         digest.update(f"{name}:{tuple(values.shape)}".encode())
         digest.update(values.numpy().data)
     return digest.hexdigest()
+
+
+def text_embedder(record: dict, name: str | None = None, device: str = "cpu") -> TextEmbedder:
+    """The text retriever a store's manifest record describes (``name``: another checkpoint in its place)."""
+    return RetrieverConfig(name=name or record.get("checkpoint"), pooling=record.get("pooling", "auto"),
+                           max_length=record.get("max_length"), template=record.get("template", DEFAULT_PASSAGE_TEMPLATE),
+                           window_words=int(record.get("window_words") or 0)).load_text_embedder(device)
+
+
+def query_encoder(manifest: dict, retriever: str | None = None, device: str = "cpu") -> TextEmbedder | MemoryMeanEmbedder:
+    """The encoder of the questions searched in a store's index, from the store's ``manifest`` (``retriever``:
+    another checkpoint in place of the recorded one).  The store checks its fingerprint before searching."""
+    index = manifest.get("index")
+    if not index:
+        raise RetrievalError("the store has no faiss index: build it with `premem index STORE`")
+    recorded = index.get("retriever") or {}
+    if recorded.get("kind") == MEMORY_MEAN and retriever in (None, MEMORY_MEAN):
+        enc = manifest.get("encoder") or {}
+        encoder = MemoryEncoder.from_pretrained(enc["checkpoint"], memory_layers=int(enc["memory_layers"]),
+                                                template=enc.get("template"), device=device)
+        return MemoryMeanEmbedder(encoder, max_length=int(manifest["max_tokens"]))
+    if retriever == MEMORY_MEAN:
+        raise FingerprintMismatch(f"the store's index was built from {recorded.get('checkpoint')} embeddings, not "
+                                  f"memory-mean: drop --retriever or rebuild the index")
+    return text_embedder(recorded, retriever, device)

@@ -15,7 +15,6 @@ from apache_beam.utils.shared import Shared
 
 from premem.models.melodi import MelodiLM, MelodiState
 from premem.pipeline.read import Document, DropDuplicateIds, FieldNames, ReadDocuments
-from premem.storage.lease import check_lease
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +118,8 @@ class CompressShardFn(beam.DoFn):
         if self.loaded.fingerprint != cfg.fingerprint:
             raise RuntimeError(f"worker loaded checkpoint {self.loaded.fingerprint[:12]} but the store expects "
                                f"{cfg.fingerprint[:12]}: the checkpoint at {cfg.checkpoint} changed during the job")
-        self.store = LongTermStore.open(self.store_path, expected_fingerprint=cfg.fingerprint, read_only=False)
+        self.store = LongTermStore.open(self.store_path, expected_fingerprint=cfg.fingerprint, read_only=False,
+                                        lease_token=cfg.lease_token)
 
     def process(self, element: tuple[int, list[Document]]):
         shard, docs = element
@@ -137,8 +137,6 @@ class CompressShardFn(beam.DoFn):
                     self.loaded.model, tokens, docs_per_batch=self.config.docs_per_batch,
                     end_state=self.config.end_state, pad_id=tok.pad_id):
                 writer.write(i, incs, end_z)
-            if self.config.lease_token is not None:  # a job that lost its writer lease commits nothing more
-                check_lease(self.store_path, self.config.lease_token)
         marker = writer.marker
         self.documents.inc(marker["documents"])
         self.windows.inc(marker["windows"])

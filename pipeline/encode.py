@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
 import torch
 from apache_beam.utils.shared import Shared
 
 from premem.models import DEFAULT_TEMPLATE
 from premem.models.encoder import token_budget_batches
+from premem.models.retriever import RetrieverConfig, memory_mean
 from premem.pipeline.shard import read_shard
+from premem.storage import MemoryStore
+from premem.storage.embeddings import embeddings_committed, vectors_per_row, write_shard_embeddings
+from premem.storage.errors import InputError
 
 FAILED = "failed"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,7 +50,7 @@ class EncoderConfig:
         """bf16 on GPUs and on CPUs with native bf16 matmuls; fp32 elsewhere."""
         if self.compute_dtype != "auto":
             if self.compute_dtype not in DTYPES:
-                raise ValueError(f"--compute-dtype {self.compute_dtype!r} is not one of auto, {', '.join(DTYPES)}")
+                raise InputError(f"--compute-dtype {self.compute_dtype!r} is not one of auto, {', '.join(DTYPES)}")
             return DTYPES[self.compute_dtype]
         native_bf16 = self.resolved_device().startswith("cuda") or cpu_has_native_bf16()
         return torch.bfloat16 if native_bf16 else torch.float32
@@ -80,6 +85,73 @@ class _Loaded:
         self.encoder = encoder
 
 
+class ShardEmbedder:
+    """Per worker: the retriever, loaded once; embeds shards and commits them into the store's ``embeddings/``.
+
+    memory-mean vectors come from the memory states (collected batch by batch while the shard is encoded, or
+    read back from the store when only the embeddings are missing), cast to the stored dtype first so both
+    routes give the same vectors.
+    """
+
+    def __init__(self, config: RetrieverConfig, store, fingerprint: str, batch_rows: int = 256,
+                 device: str = "cpu") -> None:
+        self.config = config
+        self.store = store
+        self.fingerprint = fingerprint
+        self.batch_rows = batch_rows
+        self.text = None if config.is_memory_mean else config.load_text_embedder(device)
+        if self.text is not None and self.text.fingerprint != fingerprint:
+            raise RuntimeError(f"worker loaded retriever {self.text.fingerprint[:12]} but the store expects "
+                               f"{fingerprint[:12]}: the checkpoint at {config.name} changed during the job")
+        self._collected: dict[int, np.ndarray] = {}
+        self.per_row = 1
+        if self.text is not None and self.text.window_words > 0:
+            self.per_row = vectors_per_row(store)
+
+    def is_committed(self, shard: int) -> bool:
+        return embeddings_committed(self.store, shard)
+
+    def collect(self, rows: np.ndarray, states: torch.Tensor, lengths: np.ndarray) -> None:
+        """memory-mean only: remember the vectors of a just-encoded batch (states as they will be stored)."""
+        if self.text is None:
+            stored = states.to(self.store.torch_dtype)
+            vectors = memory_mean(stored, torch.as_tensor(lengths))
+            for row, vector in zip(np.asarray(rows).tolist(), vectors, strict=True):
+                self._collected[row] = vector
+
+    def commit(self, shard: int, table: pa.Table) -> int:
+        """Embed every row of the shard and commit; returns the number of rows embedded."""
+        rows = table.column("row").to_numpy().astype(np.int64)
+        if self.text is not None:
+            titles = table.column("title").to_pylist() if "title" in table.column_names else [""] * len(rows)
+            per_passage = [self.text.passage_texts(t, x)
+                           for t, x in zip(titles, table.column("text").to_pylist(), strict=True)]
+            flat = self.text.embed([text for texts in per_passage for text in texts], what="passage")
+            if self.text.window_words <= 0:
+                vectors = flat
+            else:  # [n, m, e], zeros in the slots a short passage does not fill
+                vectors = np.zeros((len(rows), self.per_row, flat.shape[1]), dtype=np.float32)
+                at = 0
+                for i, texts in enumerate(per_passage):
+                    if len(texts) > self.per_row:
+                        raise InputError(f"passage row {rows[i]} has {len(texts)} windows, the store holds "
+                                         f"{self.per_row} per row: its passages are longer than passage_words")
+                    vectors[i, :len(texts)] = flat[at:at + len(texts)]
+                    at += len(texts)
+        elif all(int(r) in self._collected for r in rows):
+            vectors = np.stack([self._collected.pop(int(r)) for r in rows])
+        else:
+            vectors = np.concatenate([self._from_store(rows[i:i + self.batch_rows])
+                                      for i in range(0, len(rows), self.batch_rows)])
+        write_shard_embeddings(self.store, shard, rows, vectors)
+        self._collected.clear()
+        return len(rows)
+
+    def _from_store(self, rows: np.ndarray) -> np.ndarray:
+        batch = self.store.read(rows)
+        return memory_mean(batch.states, batch.lengths)
+
+
 class EncodeShardFn(beam.DoFn):
     """Encodes one corpus shard and commits it into the store.
 
@@ -106,22 +178,15 @@ class EncodeShardFn(beam.DoFn):
         self.embedded = beam.metrics.Metrics.counter("premem", "passages_embedded")
 
     def setup(self):
-        from premem.storage import MemoryStore
-
         self.encoder = self._shared.acquire(lambda: _Loaded(self.config.load()), tag=self.fingerprint).encoder
         if self.encoder.fingerprint != self.fingerprint:
             raise RuntimeError(f"worker loaded encoder {self.encoder.fingerprint[:12]} but the store expects "
                                f"{self.fingerprint[:12]}: the checkpoint at {self.config.checkpoint} changed during the job")
-        self.store = MemoryStore.open(self.store_path, expected_fingerprint=self.fingerprint, read_only=False)
-        if self.lease_token is not None:
-            from premem.storage.lease import check_lease
-
-            self.store.commit_guard = functools.partial(check_lease, self.store_path, self.lease_token)
+        self.store = MemoryStore.open(self.store_path, expected_fingerprint=self.fingerprint, read_only=False,
+                                      lease_token=self.lease_token)
         self.pad_id = self.encoder.tokenizer.pad_token_id or 0
         self.embedder = None
         if self.retriever is not None:
-            from premem.pipeline.embed import ShardEmbedder
-
             # The retriever runs where and how the memory encoder runs (GPU, bf16 where native).
             retriever = dataclasses.replace(self.retriever, compute_dtype=str(self.config.resolved_dtype()).split(".")[-1])
             self.embedder = ShardEmbedder(retriever, self.store, self.retriever_fingerprint,
@@ -134,8 +199,7 @@ class EncodeShardFn(beam.DoFn):
         if memory_done and not embed:
             self.skipped.inc()
             return
-        if self.store.commit_guard is not None:
-            self.store.commit_guard()  # a job that lost its writer lease writes nothing more
+        self.store.check_lease()  # a job that lost its writer lease writes nothing more
         started = time.perf_counter()
         try:
             table = read_shard(self.shards_dir, entry)

@@ -1,27 +1,19 @@
-"""`premem retrieve`: the top-k store rows for every question of a JSONL file, as a Beam job.
+"""The steps of `premem retrieve`: parse questions, then encode and search them in batches.
 
-Questions are parsed (bad lines are set aside with their reason, never dropped silently), batched, encoded by
-the store's retriever and searched in the store's faiss index by workers that load both once; the driver
-gathers the results into one neighbours Parquet file (premem.storage.neighbors) sorted by question id.
+Bad lines are set aside with their reason, never dropped silently.  Workers load the store's index and its query
+encoder once; the job around it (premem.jobs.retrieve) gathers the results into one neighbours file.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import uuid
 
 import apache_beam as beam
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
 
+from premem.models.retriever import query_encoder
 from premem.storage import MemoryStore
-from premem.storage.faiss_index import RetrievalError, index_info
-from premem.storage.neighbors import SCHEMA, write_neighbors
 
 REJECTED = "rejected"
 
@@ -77,9 +69,11 @@ class ParseQuestionsFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REJECTED, json.dumps({"reason": str(e), "line": line[:500]}))
 
 
-class _Holder:
-    def __init__(self, store):
-        self.store = store
+class _Loaded:
+    """Weak-referenceable holder so Beam's Shared keeps one index and query encoder per worker process."""
+
+    def __init__(self, store, encoder):
+        self.store, self.encoder = store, encoder
 
 
 class SearchQuestionsFn(beam.DoFn):
@@ -95,14 +89,16 @@ class SearchQuestionsFn(beam.DoFn):
     def setup(self):
         def load():
             store = MemoryStore.open(self.store_path)
-            store.search(["warm up"], 1)  # loads the retriever and the index once per worker process
-            return _Holder(store)
+            encoder = query_encoder(store.manifest)
+            store.search(["warm up"], 1, encoder=encoder)  # loads the index once per worker process
+            return _Loaded(store, encoder)
 
-        self.store = self._shared.acquire(load, tag=self.store_path).store
+        loaded = self._shared.acquire(load, tag=self.store_path)
+        self.store, self.encoder = loaded.store, loaded.encoder
 
     def process(self, batch: list[dict]):
-        result = self.store.search([q["question"] for q in batch], self.config.k, nprobe=self.config.nprobe,
-                                   ef_search=self.config.ef_search)
+        result = self.store.search([q["question"] for q in batch], self.config.k, encoder=self.encoder,
+                                   nprobe=self.config.nprobe, ef_search=self.config.ef_search)
         for q, rows, scores in zip(batch, result.rows, result.scores, strict=True):
             found = int((rows >= 0).sum())
             if found < self.config.k:
@@ -113,69 +109,3 @@ class SearchQuestionsFn(beam.DoFn):
                 continue
             self.searched.inc()
             yield {**q, "rows": rows.tolist(), "scores": scores.tolist()}
-
-
-def retrieve(store_path: str, questions_path: str, out_path: str, config: RetrieveConfig = RetrieveConfig(),
-             pipeline_args: list[str] | None = None) -> dict:
-    """Writes the neighbours file and ``OUT.rejects.jsonl``; returns counts."""
-    store = MemoryStore.open(store_path)
-    info = index_info(store)
-    if isinstance(config.k, bool) or not isinstance(config.k, int) or config.k < 1:
-        raise RetrievalError(f"-k must be a positive integer, got {config.k!r}")
-    if config.k > int(info["ntotal"]):
-        raise RetrievalError(f"-k {config.k} is larger than the {info['ntotal']} rows in the index of store "
-                             f"{store.path}: ask for at most {info['ntotal']}")
-    if not FileSystems.match([questions_path])[0].metadata_list:
-        raise FileNotFoundError(f"questions file {questions_path} does not exist: pass a JSONL file with one "
-                                f"{{\"{config.id_field}\": ..., \"{config.question_field}\": ...}} per line")
-    store.search(["warm up"], 1)  # a retriever / index mismatch fails here, before any worker starts
-    parts_prefix = f"{out_path}.parts-{uuid.uuid4().hex[:8]}/part"
-    rejects_path = f"{out_path}.rejects.jsonl"
-    with beam.Pipeline(options=PipelineOptions(list(pipeline_args or []))) as pipeline:
-        parsed = (pipeline
-                  | "Read" >> beam.io.ReadFromText(questions_path)
-                  | "Parse" >> beam.ParDo(ParseQuestionsFn(config)).with_outputs(REJECTED, main="questions"))
-        searched = (parsed.questions
-                    | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.batch_size)
-                    | "Search" >> beam.ParDo(SearchQuestionsFn(store.path, config)).with_outputs(
-                        REJECTED, main="found"))
-        _ = searched.found | "WriteParts" >> beam.io.WriteToParquet(parts_prefix, SCHEMA, file_name_suffix=".parquet")
-        _ = ((parsed[REJECTED], searched[REJECTED]) | "AllRejects" >> beam.Flatten()
-             | "WriteRejects" >> beam.io.WriteToText(rejects_path, shard_name_template="", num_shards=1))
-    part_files = [m.path for m in FileSystems.match([parts_prefix + "*"])[0].metadata_list]
-    tables = []
-    for name in part_files:
-        with FileSystems.open(name) as handle:
-            tables.append(pq.read_table(pa.BufferReader(handle.read())))
-    FileSystems.delete(part_files)
-    table = pa.concat_tables(tables).cast(SCHEMA) if tables else SCHEMA.empty_table()
-    table = table.sort_by([("question_id", "ascending")])
-    table, duplicates = _drop_duplicate_ids(table)
-    if duplicates:
-        with FileSystems.open(rejects_path) as handle:
-            earlier = handle.read()
-        with FileSystems.create(rejects_path) as handle:
-            handle.write(earlier + "".join(
-                json.dumps({"reason": "duplicate question id (the first one is kept)",
-                            "line": json.dumps({"id": d["question_id"], "question": d["question"]})}) + "\n"
-                for d in duplicates).encode())
-    write_neighbors(out_path, table, store=store.path, store_fingerprint=store.fingerprint,
-                    retriever_fingerprint=info["retriever"]["fingerprint"])
-    with FileSystems.open(rejects_path) as handle:
-        rejected = [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
-    reasons: dict[str, int] = {}
-    for r in rejected:
-        key = r["reason"].split(" (")[0]
-        reasons[key] = reasons.get(key, 0) + 1
-    return {"questions": table.num_rows, "rejected": len(rejected), "rejected_by_reason": reasons,
-            "rejects_path": rejects_path, "out": out_path, "k": config.k}
-
-
-def _drop_duplicate_ids(table: pa.Table) -> tuple[pa.Table, list[dict]]:
-    ids = table.column("question_id").to_pylist()
-    keep = np.ones(len(ids), dtype=bool)
-    for i in range(1, len(ids)):
-        if ids[i] == ids[i - 1]:
-            keep[i] = False
-    dropped = table.filter(pa.array(~keep)).select(["question_id", "question"]).to_pylist()
-    return table.filter(pa.array(keep)), dropped

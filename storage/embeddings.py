@@ -9,32 +9,20 @@ made them (kind, checkpoint, pooling, max length, fingerprint) is recorded in ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorstore as ts
 
-from premem.storage.store import (
-    FingerprintMismatch,
-    MemoryStore,
-    StoreError,
-    _dump_json,
-    _kv_read,
-    _kv_write,
-    _now,
-    _one_line,
-    _parse_json,
-    _parse_manifest,
-    kvstore_spec,
-)
+from premem.storage import kv, layout
+from premem.storage.commits import ShardCommits
+from premem.storage.errors import FingerprintMismatch, StoreError, one_line
 
-EMBEDDINGS = "embeddings/"
-COMMITS = "embedding-commits/"
+if TYPE_CHECKING:
+    from premem.storage.store import MemoryStore
+
 _DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def _marker_key(shard: int) -> str:
-    return f"{COMMITS}shard-{shard:05d}.json"
+_EMBEDDINGS = layout.array_prefix(layout.EMBEDDINGS)
 
 
 def retriever_info(store: MemoryStore) -> dict | None:
@@ -43,16 +31,8 @@ def retriever_info(store: MemoryStore) -> dict | None:
     return dict(info) if info else None
 
 
-def _write_manifest_key(store: MemoryStore, key: str, value: Any) -> None:
-    """Set one top-level manifest key, re-reading the manifest first so other keys written meanwhile survive."""
-    res = _kv_read(store._kv, "manifest.json", store.path)
-    manifest = _parse_manifest(res.value, store.path) if res.state == "value" else dict(store.manifest)
-    if value is None:
-        manifest.pop(key, None)
-    else:
-        manifest[key] = value
-    _kv_write(store._kv, "manifest.json", _dump_json(manifest), store.path)
-    store.manifest = manifest
+def embedding_commits(store: MemoryStore) -> ShardCommits:
+    return ShardCommits(store, layout.EMBEDDING_COMMITS, store.num_shards)
 
 
 def prepare_embeddings(store: MemoryStore, info: dict, *, dtype: str = "float32") -> None:
@@ -60,8 +40,7 @@ def prepare_embeddings(store: MemoryStore, info: dict, *, dtype: str = "float32"
 
     A store that already holds another retriever's embeddings is refused rather than mixed.
     """
-    if store.read_only:
-        raise StoreError(f"store {store.path} was opened read-only: open it with read_only=False to add embeddings")
+    store.require_writable("add embeddings")
     if dtype not in _DTYPES:
         raise StoreError(f"unsupported embedding dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
     have = retriever_info(store)
@@ -71,57 +50,41 @@ def prepare_embeddings(store: MemoryStore, info: dict, *, dtype: str = "float32"
                 f"store {store.path} holds embeddings of retriever {have.get('checkpoint', have.get('kind'))} "
                 f"(fingerprint {str(have.get('fingerprint'))[:12]}), this run's retriever is "
                 f"{info.get('checkpoint', info.get('kind'))} ({info['fingerprint'][:12]}): pass the same --retriever, "
-                f"--retriever none, or delete {store.path}/{EMBEDDINGS} and {COMMITS} to replace them")
+                f"--retriever none, or delete {store.path}/{_EMBEDDINGS} and {layout.EMBEDDING_COMMITS} to replace them")
         return
     dim = int(info["dim"])
     per_row = int(info.get("vectors_per_row", 1))
     shape, chunks = ([store.rows, dim], [store.shard_size, dim]) if per_row == 1 else \
         ([store.rows, per_row, dim], [store.shard_size, per_row, dim])
+    embedding_commits(store).forget_all()
     try:
-        store._kv.delete_range(ts.KvStore.KeyRange(COMMITS, COMMITS[:-1] + "0")).result()
-        ts.open({
-            "driver": "zarr3",
-            "kvstore": kvstore_spec(store.path, EMBEDDINGS),
-            "metadata": {
-                "shape": shape,
-                "data_type": dtype,
-                "fill_value": 0,
-                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                           {"name": "zstd", "configuration": {"level": 1}}, {"name": "crc32c"}],
-                "dimension_names": ["row", "feature"] if per_row == 1 else ["row", "window", "feature"],
-            },
-        }, create=True, delete_existing=True).result()
+        ts.open(layout.zarr_spec(kv.kvstore_spec(store.path, _EMBEDDINGS), shape=shape, dtype=dtype, chunk_shape=chunks,
+                                 codecs=layout.chunk_codecs(1),
+                                 dimension_names=["row", "feature"] if per_row == 1 else ["row", "window", "feature"]),
+                create=True, delete_existing=True).result()
     except Exception as e:
-        raise StoreError(f"cannot create {EMBEDDINGS} in store {store.path}: {_one_line(e)}") from e
-    _write_manifest_key(store, "retriever", {**info, "dtype": dtype, "array": EMBEDDINGS.rstrip("/"),
-                                             "created_at": _now()})
+        raise StoreError(f"cannot create {_EMBEDDINGS} in store {store.path}: {one_line(e)}") from e
+    store.update_manifest("retriever", {**info, "dtype": dtype, "array": layout.EMBEDDINGS, "created_at": kv.now()})
 
 
 def _array(store: MemoryStore) -> ts.TensorStore:
-    cached = getattr(store, "_embeddings_array", None)
-    if cached is not None and cached[0] == store._pid:
-        return cached[1]
     if retriever_info(store) is None:
         raise StoreError(f"store {store.path} has no retrieval embeddings: add them with "
                          f"`premem encode SHARDS --store {store.path} --retriever minilm ...`")
     try:
-        arr = ts.open({"driver": "zarr3", "kvstore": kvstore_spec(store.path, EMBEDDINGS)},
-                      open=True, read=True, write=not store.read_only).result()
-    except Exception as e:
-        raise StoreError(f"store {store.path}: cannot open {EMBEDDINGS} ({_one_line(e)}): delete it and "
-                         f"re-run `premem encode --retriever ...` to recompute the embeddings") from e
-    store._embeddings_array = (store._pid, arr)
-    return arr
+        return store.array(layout.EMBEDDINGS)
+    except StoreError as e:
+        raise StoreError(f"{e}; or delete {_EMBEDDINGS} and re-run `premem encode --retriever ...` to recompute the "
+                         f"embeddings") from e
 
 
 def embedding_committed_shards(store: MemoryStore) -> set[int]:
     """Shards whose embeddings are committed (marker present)."""
-    return store.marked_shards(COMMITS)
+    return embedding_commits(store).committed()
 
 
 def embeddings_committed(store: MemoryStore, shard: int) -> bool:
-    return _kv_read(store._kv, _marker_key(shard), store.path).state == "value"
+    return embedding_commits(store).is_committed(shard)
 
 
 def write_shard_embeddings(store: MemoryStore, shard: int, rows: np.ndarray, vectors: np.ndarray) -> dict:
@@ -143,34 +106,42 @@ def write_shard_embeddings(store: MemoryStore, shard: int, rows: np.ndarray, vec
         raise StoreError(f"embeddings for shard {shard} contain NaN/inf: the retriever diverged, check its weights")
     full = np.empty((len(rng), *vectors.shape[1:]), dtype=_DTYPES[info.get("dtype", "float32")])
     full[local] = vectors
-    try:
-        _array(store)[rng.start:rng.stop].write(full).result()
-    except Exception as e:
-        raise StoreError(f"store {store.path}: writing the embeddings of shard {shard} failed ({_one_line(e)})") from e
-    marker = {"shard": shard, "start": rng.start, "stop": rng.stop, "retriever_fingerprint": info["fingerprint"],
-              "committed_at": _now()}
-    _kv_write(store._kv, _marker_key(shard), _dump_json(marker), store.path)
-    return marker
+
+    def write() -> dict:
+        try:
+            _array(store)[rng.start:rng.stop].write(full).result()
+        except Exception as e:
+            raise StoreError(f"store {store.path}: writing the embeddings of shard {shard} failed ({one_line(e)})") from e
+        return {"start": rng.start, "stop": rng.stop, "retriever_fingerprint": info["fingerprint"]}
+
+    return embedding_commits(store).commit(shard, write)
+
+
+def discard_shard_embeddings(store: MemoryStore, shard: int) -> None:
+    """Forget one shard's embeddings (marker first, then its chunk) so that they are computed again."""
+    embedding_commits(store).forget(shard)
+    per_row = int((retriever_info(store) or {}).get("vectors_per_row", 1))
+    store.write_key(layout.chunk_key(layout.EMBEDDINGS, shard, 2 if per_row == 1 else 3), None)
 
 
 def read_shard_embeddings(store: MemoryStore, shard: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows int64, vectors float32 [n, e], or [n, m, e] with m windows per row) of one committed shard."""
-    res = _kv_read(store._kv, _marker_key(shard), store.path)
-    if res.state != "value":
+    commits = embedding_commits(store)
+    marker = commits.read(shard)
+    if marker is None:
         raise StoreError(f"the embeddings of shard {shard} of store {store.path} are not committed: resume "
                          f"`premem encode ... --retriever ...` to compute them")
-    marker = _parse_json(res.value, f"{store.path}/{_marker_key(shard)}")
     info = retriever_info(store) or {}
     if marker.get("retriever_fingerprint") != info.get("fingerprint"):
         raise FingerprintMismatch(f"the embeddings of shard {shard} of store {store.path} come from another "
-                                  f"retriever than the manifest records: delete {EMBEDDINGS} and {COMMITS} and "
-                                  f"re-run `premem encode --retriever ...`")
+                                  f"retriever than the manifest records: delete {_EMBEDDINGS} and "
+                                  f"{layout.EMBEDDING_COMMITS} and re-run `premem encode --retriever ...`")
     rng = store.shard_rows(shard)
     try:
         vectors = _array(store)[rng.start:rng.stop].read().result()
     except Exception as e:
-        raise StoreError(f"store {store.path}: the embeddings of shard {shard} are unreadable ({_one_line(e)}): "
-                         f"delete {_marker_key(shard)} and resume `premem encode --retriever ...`") from e
+        raise StoreError(f"store {store.path}: the embeddings of shard {shard} are unreadable ({one_line(e)}): "
+                         f"delete {commits.key(shard)} and resume `premem encode --retriever ...`") from e
     return np.arange(rng.start, rng.stop, dtype=np.int64), np.asarray(vectors, dtype=np.float32)
 
 
@@ -187,7 +158,7 @@ def read_embeddings(store: MemoryStore, rows: Any) -> np.ndarray:
     try:
         return np.asarray(_array(store).oindex[rows].read().result(), dtype=np.float32)
     except Exception as e:
-        raise StoreError(f"store {store.path}: reading embeddings failed ({_one_line(e)})") from e
+        raise StoreError(f"store {store.path}: reading embeddings failed ({one_line(e)})") from e
 
 
 def vectors_per_row(store: MemoryStore) -> int:

@@ -16,21 +16,27 @@ shards are added one after another into one graph in the building process.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crc32c
 import faiss
 import numpy as np
+import torch
 
-from premem.storage.store import FingerprintMismatch, MemoryStore, StoreError, _kv_read, _kv_write, _one_line
+from premem.storage import layout
+from premem.storage.errors import FingerprintMismatch, RetrievalError, one_line
 
-INDEX_DIR = "index/"
-TRAINED = "index/trained.faiss"
-MERGED = "index/index.faiss"
-PARTS = "index/parts/"
-IVFDATA = "index/ivfdata"
+if TYPE_CHECKING:
+    from premem.storage.store import MemoryStore
+
+__all__ = ["RetrievalError", "SearchResult", "auto_factory", "load_index", "search_store"]
+
+TRAINED = layout.INDEX_TRAINED
+MERGED = layout.INDEX_MERGED
+IVFDATA = layout.INDEX_IVFDATA
 AUTO = "auto"
 # faiss warns below 39 training points per centroid and uses at most 256 per centroid.
 MIN_POINTS_PER_CENTROID = 39
@@ -38,14 +44,6 @@ MAX_POINTS_PER_CENTROID = 256
 TARGET_RECALL = 0.95
 TUNE_QUERIES = 256
 _LOADED: dict[tuple, faiss.Index] = {}  # the last index loaded in this process
-
-
-class RetrievalError(StoreError):
-    """A retrieval request that cannot be served as asked; the message says what to change."""
-
-
-def part_key(shard: int) -> str:
-    return f"{PARTS}shard-{shard:05d}.faiss"
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,12 +172,12 @@ def train_index(factory: str, sample: np.ndarray, rows: int) -> faiss.Index:
         except RuntimeError as e:
             raise RetrievalError(f"training factory {factory!r} on {len(sample)} vectors failed "
                                  f"({_faiss_message(e)}): use a smaller factory or --factory auto") from e
-    if not _is_ivf(index) and not isinstance(faiss.downcast_index(index), faiss.IndexIDMap):
+    if not is_ivf(index) and not isinstance(faiss.downcast_index(index), faiss.IndexIDMap):
         index = faiss.IndexIDMap(index)  # ids = store rows (or row * m + window) for every kind of index
     return index
 
 
-def _is_ivf(index: faiss.Index) -> bool:
+def is_ivf(index: faiss.Index) -> bool:
     try:
         faiss.extract_index_ivf(index)
         return True
@@ -193,7 +191,7 @@ def _can_merge_codes(index: faiss.Index) -> bool:
 
 def is_mergeable(index: faiss.Index) -> bool:
     """Parts of this index can be built separately and merged (IVF, or IDMap over flat codes)."""
-    if _is_ivf(index):
+    if is_ivf(index):
         return True
     idx = faiss.downcast_index(index)
     return isinstance(idx, faiss.IndexIDMap) and _can_merge_codes(idx.index)
@@ -220,7 +218,7 @@ def merge_parts(trained: faiss.Index, parts) -> faiss.Index:
     """One index from the trained empty one and the shard parts (an iterable, loaded one at a time)."""
     merged = deserialize(serialize(trained))  # the parts' route: a deserialized index has the parts' exact types
     for part in parts:
-        if _is_ivf(merged):
+        if is_ivf(merged):
             merged.merge_from(part, 0)
         else:
             merged.merge_from(part)
@@ -228,12 +226,8 @@ def merge_parts(trained: faiss.Index, parts) -> faiss.Index:
 
 
 def read_index_bytes(store: MemoryStore, key: str) -> bytes | None:
-    res = _kv_read(store._kv, key, store.path)
+    res = store.read_key(key)
     return bytes(res.value) if res.state == "value" else None
-
-
-def write_index_bytes(store: MemoryStore, key: str, data: bytes) -> None:
-    _kv_write(store._kv, key, data, store.path)
 
 
 def file_digest(source: bytes | str) -> dict:
@@ -253,7 +247,7 @@ def file_digest(source: bytes | str) -> dict:
 
 def set_search_params(index: faiss.Index, params: dict) -> None:
     """Apply nprobe / efSearch (only those the index has)."""
-    if params.get("nprobe") is not None and _is_ivf(index):
+    if params.get("nprobe") is not None and is_ivf(index):
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
     if params.get("efSearch") is not None:
         for sub in _sub_indexes(index):
@@ -290,7 +284,7 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, exact_rows: np.n
     """
     params: dict[str, Any] = {}
     want = min(1.0, target + 0.01)
-    if _is_ivf(index):
+    if is_ivf(index):
         nlist = faiss.extract_index_ivf(index).nlist
         candidates = sorted({min(nlist, 2 ** i) for i in range(0, int(math.log2(nlist)) + 2)})
         params["nprobe"] = candidates[-1]
@@ -301,7 +295,7 @@ def tune_search_params(index: faiss.Index, queries: np.ndarray, exact_rows: np.n
                 params["nprobe"] = nprobe
                 break
         set_search_params(index, params)
-    if any(getattr(sub, "hnsw", None) is not None for sub in _sub_indexes(index)) and not _is_ivf(index):
+    if any(getattr(sub, "hnsw", None) is not None for sub in _sub_indexes(index)) and not is_ivf(index):
         params["efSearch"] = 1024
         for ef in (16, 32, 64, 128, 256, 512, 1024):
             set_search_params(index, {"efSearch": ef})
@@ -319,7 +313,7 @@ def _faiss_message(e: BaseException) -> str:
     m = re.search(r"Error: '([^']*)' failed|what\(\):\s*(.*)|Error in .*?: (.*)", text)
     if m:
         return next(g for g in m.groups() if g).strip()[:200]
-    return _one_line(e)
+    return one_line(e)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,8 +350,6 @@ def load_index(store: MemoryStore) -> faiss.Index:
         store._faiss_index = _LOADED[key]
         return store._faiss_index
     if info.get("on_disk"):
-        import os
-
         path = os.path.join(store.path, MERGED)
         try:
             index = faiss.read_index(path)  # its OnDiskInvertedLists memory-map ivfdata
@@ -385,50 +377,21 @@ def load_index(store: MemoryStore) -> faiss.Index:
     return index
 
 
-def load_query_encoder(store: MemoryStore, retriever: str | None = None):
-    """The encoder of the store's retriever (or ``retriever``), checked against the index's fingerprint."""
-    cached = getattr(store, "_query_encoder", None)
-    if cached is not None and retriever is None:
-        return cached
-    from premem.models.retriever import MEMORY_MEAN, MemoryMeanEmbedder
-
-    info = index_info(store)
-    recorded = info.get("retriever") or {}
-    if recorded.get("kind") == MEMORY_MEAN and retriever in (None, MEMORY_MEAN):
-        from premem.models import MemoryEncoder
-
-        enc = store.encoder
-        encoder = MemoryEncoder.from_pretrained(enc["checkpoint"], memory_layers=int(enc["memory_layers"]),
-                                                template=enc.get("template"))
-        embedder = MemoryMeanEmbedder(encoder, max_length=store.max_tokens)
-    else:
-        if retriever == MEMORY_MEAN:
-            raise FingerprintMismatch(f"the index of store {store.path} was built from {recorded.get('checkpoint')} "
-                                      f"embeddings, not memory-mean: drop --retriever or rebuild the index")
-        embedder = text_embedder(recorded, retriever)
-    if embedder.fingerprint != recorded.get("fingerprint"):
+def check_query_encoder(store: MemoryStore, encoder: Any) -> None:
+    """Raise FingerprintMismatch unless ``encoder`` (with ``.fingerprint``) made the vectors the index holds."""
+    recorded = index_info(store).get("retriever") or {}
+    if encoder.fingerprint != recorded.get("fingerprint"):
         raise FingerprintMismatch(
             f"the index of store {store.path} holds embeddings of retriever {str(recorded.get('fingerprint'))[:12]} "
-            f"({recorded.get('checkpoint', recorded.get('kind'))}), the query encoder "
-            f"{retriever or recorded.get('checkpoint')} is {embedder.fingerprint[:12]}: query with the retriever the "
-            f"store was embedded with, or re-embed the store with `premem encode --retriever ...` and re-index")
-    if retriever is None:
-        store._query_encoder = embedder
-    return embedder
+            f"({recorded.get('checkpoint', recorded.get('kind'))}), the query encoder is {encoder.fingerprint[:12]}: "
+            f"query with the retriever the store was embedded with, or re-embed the store with `premem encode "
+            f"--retriever ...` and re-index")
 
 
-def text_embedder(record: dict, name: str | None = None):
-    """The text retriever a manifest record describes (``name``: another checkpoint in its place)."""
-    from premem.models.retriever import RetrieverConfig
-
-    return RetrieverConfig(name=name or record.get("checkpoint"), pooling=record.get("pooling", "auto"),
-                           max_length=record.get("max_length"), template=record.get("template", "{title}: {text}"),
-                           window_words=int(record.get("window_words") or 0)).load_text_embedder()
-
-
-def search_store(store: MemoryStore, queries, k: int = 10, *, nprobe: int | None = None,
-                 ef_search: int | None = None, retriever: str | None = None) -> SearchResult:
-    """Top-k store rows for text queries (encoded by the store's retriever) or [Q, e] vectors."""
+def search_store(store: MemoryStore, queries, k: int = 10, *, encoder: Any = None, nprobe: int | None = None,
+                 ef_search: int | None = None) -> SearchResult:
+    """Top-k store rows for [Q, e] vectors, or for texts encoded by ``encoder`` (``.embed(texts, what=...)``,
+    ``.fingerprint``: the store's query encoder, see premem.models.retriever.query_encoder)."""
     info = index_info(store)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise RetrievalError(f"k must be a positive integer, got {k!r}")
@@ -437,16 +400,20 @@ def search_store(store: MemoryStore, queries, k: int = 10, *, nprobe: int | None
         raise RetrievalError(f"k={k} is larger than the {ntotal} rows in the index of store {store.path}: "
                              f"ask for at most {ntotal}")
     dim = int(info["dim"])
+    index = load_index(store)
     if isinstance(queries, str):
         queries = [queries]
     if isinstance(queries, (list, tuple)) and (len(queries) == 0 or isinstance(queries[0], str)):
         for i, q in enumerate(queries):
             if not isinstance(q, str) or not q.strip():
                 raise RetrievalError(f"query {i} is empty (or not a string): every query needs some text")
-        vectors = load_query_encoder(store, retriever).embed(list(queries), what="query")
+        if encoder is None:
+            raise RetrievalError("text queries need the store's query encoder: pass encoder="
+                                 "premem.models.retriever.query_encoder(store.manifest), or search with vectors")
+        check_query_encoder(store, encoder)
+        vectors = encoder.embed(list(queries), what="query")
     else:
-        vectors = _as_query_vectors(queries, dim, store.path)
-    index = load_index(store)
+        vectors = _as_query_vectors(queries, dim)
     params = dict(info.get("search_params", {}))
     if nprobe is not None:
         params["nprobe"] = nprobe
@@ -482,14 +449,9 @@ def collapse_windows(scores: np.ndarray, ids: np.ndarray, per_row: int, k: int) 
     return SearchResult(out_s, out_r)
 
 
-def _as_query_vectors(queries, dim: int, path: str) -> np.ndarray:
-    try:
-        import torch
-
-        if isinstance(queries, torch.Tensor):
-            queries = queries.detach().float().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
+def _as_query_vectors(queries, dim: int) -> np.ndarray:
+    if isinstance(queries, torch.Tensor):
+        queries = queries.detach().float().cpu().numpy()
     try:
         vectors = np.asarray(queries, dtype=np.float32)
     except (TypeError, ValueError) as e:

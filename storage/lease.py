@@ -7,9 +7,10 @@ starting at once exactly one gets the lease.  The holder renews it from a heartb
 runs; a job that dies stops renewing, and its lease can be taken over once it has expired, at once when
 the dead holder ran on this machine (same host and boot, its pid is gone), or by force (``--force-unlock``).
 
-Writers that run elsewhere (Beam workers) carry the holder's token and call :func:`check_lease` before
-each commit, so a job whose lease was taken over stops committing instead of writing under another job.
-The lease applies to any store kind: it only needs the store's location.
+Only jobs take a lease (premem.jobs).  Writers that run elsewhere (Beam workers) get the holder's token with
+their store handle (``lease_token``), and every commit checks it first (storage/commits.py), so a job whose
+lease was taken over stops committing instead of writing under another job.  The lease applies to any store
+kind: it only needs the store's location.
 """
 
 from __future__ import annotations
@@ -25,26 +26,13 @@ from datetime import datetime, timezone
 
 import tensorstore as ts
 
-from premem.storage.store import (
-    StoreError,
-    _check_not_a_file,
-    _one_line,
-    _open_kv,
-    _write_failure_fix,
-    _write_failure_hint,
-    normalize_path,
-)
+from premem.storage import kv, layout
+from premem.storage.errors import LeaseHeld, LeaseLost, StoreError, one_line
 
-LEASE_KEY = "locks/writer.json"
+__all__ = ["DEFAULT_TTL", "LeaseHeld", "LeaseInfo", "LeaseLost", "StoreLease", "check_lease", "read_lease"]
+
+LEASE_KEY = layout.LEASE
 DEFAULT_TTL = 60.0
-
-
-class LeaseHeld(StoreError):
-    """Another live job holds the store's writer lease."""
-
-
-class LeaseLost(StoreError):
-    """This job's writer lease was taken over (it expired or was forced): the job must stop writing."""
 
 
 def _iso(t: float) -> str:
@@ -101,7 +89,7 @@ class LeaseInfo:
             return cls(**{k: d[k] for k in cls.__dataclass_fields__})
         except Exception as e:
             raise StoreError(
-                f"{where} is not a premem writer lease ({_one_line(e)}): if no job is writing, "
+                f"{where} is not a premem writer lease ({one_line(e)}): if no job is writing, "
                 f"rerun with --force-unlock"
             ) from e
 
@@ -141,7 +129,7 @@ class StoreLease:
     def __init__(self, path, *, job: str = "premem", ttl: float = DEFAULT_TTL, force: bool = False) -> None:
         if not ttl > 0:
             raise StoreError(f"lease ttl must be positive, got {ttl!r}")
-        self.path = normalize_path(path)
+        self.path = kv.normalize_path(path)
         self.job = job
         self.ttl = float(ttl)
         self.force = force
@@ -158,8 +146,8 @@ class StoreLease:
     # --- acquire / renew / release ---------------------------------------------------------------
 
     def acquire(self) -> StoreLease:
-        _check_not_a_file(self.path)
-        self._kv = _open_kv(self.path)
+        kv.check_not_a_file(self.path)
+        self._kv = kv.open_kv(self.path)
         for _attempt in range(5):
             res = self._read()
             if res.state == "value":
@@ -219,19 +207,10 @@ class StoreLease:
             raise StoreError(f"the writer lease of store {self.path} is not held: acquire it first")
 
     def _read(self):
-        try:
-            return self._kv.read(LEASE_KEY).result()
-        except Exception as e:
-            raise StoreError(f"cannot read {LEASE_KEY} of store {self.path} ({_one_line(e)})") from e
+        return kv.read(self._kv, LEASE_KEY, self.path)
 
     def _write(self, value: bytes, if_equal: bytes) -> bytes:
-        try:
-            return self._kv.write(LEASE_KEY, value, if_equal=if_equal).result().generation
-        except Exception as e:
-            raise StoreError(
-                f"cannot write {LEASE_KEY} of store {self.path}{_write_failure_hint(e)} ({_one_line(e)}): "
-                f"{_write_failure_fix(e)}"
-            ) from e
+        return kv.write(self._kv, LEASE_KEY, value, self.path, if_equal=if_equal).generation
 
     # --- heartbeat ---------------------------------------------------------------------------------
 
@@ -267,27 +246,23 @@ class StoreLease:
 
 def read_lease(path) -> LeaseInfo | None:
     """The current lease of the store at ``path`` (None when nobody holds one)."""
-    path = normalize_path(path)
-    kv = _open_kv(path)
-    try:
-        res = kv.read(LEASE_KEY).result()
-    except Exception as e:
-        raise StoreError(f"cannot read {LEASE_KEY} of store {path} ({_one_line(e)})") from e
+    path = kv.normalize_path(path)
+    res = kv.read(kv.open_kv(path), LEASE_KEY, path)
     return LeaseInfo.parse(res.value, f"{path}/{LEASE_KEY}") if res.state == "value" else None
 
 
 def check_lease(path, token: str) -> None:
     """Raise :class:`LeaseLost` unless the lease of ``path`` is held by ``token`` and unexpired.
 
-    Writers on other machines (Beam workers) call this before each commit: a job whose lease was taken
-    over stops there instead of committing under the new holder.
+    Every commit of a store handle with a ``lease_token`` calls this first (storage/commits.py): a job whose lease
+    was taken over stops there instead of committing under the new holder.
     """
     held = read_lease(path)
     if held is None or held.token != token:
         who = f"now held by {held.describe()}" if held is not None else "released"
-        raise LeaseLost(f"the writer lease of store {normalize_path(path)} is {who}: this job stopped writing")
+        raise LeaseLost(f"the writer lease of store {kv.normalize_path(path)} is {who}: this job stopped writing")
     if held.expired():
         raise LeaseLost(
-            f"the writer lease of store {normalize_path(path)} expired at {_iso(held.expires_at)} (its job stopped "
+            f"the writer lease of store {kv.normalize_path(path)} expired at {_iso(held.expires_at)} (its job stopped "
             f"renewing it): this job stopped writing; rerun it to finish the store"
         )

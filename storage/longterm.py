@@ -35,35 +35,10 @@ import pyarrow.parquet as pq
 import tensorstore as ts
 import torch
 
-from premem.storage.store import (
-    _DTYPES,
-    MANIFEST,
-    FingerprintMismatch,
-    StoreError,
-    _check_not_a_file,
-    _dir_bytes,
-    _dtype_name,
-    _dump_json,
-    _is_local,
-    _kv_read,
-    _kv_write,
-    _marker_key,
-    _meta_key,
-    _now,
-    _np_to_torch,
-    _one_line,
-    _open_kv,
-    _parse_json,
-    _to_numpy,
-    kvstore_spec,
-    list_marked_shards,
-    normalize_path,
-)
-
-LONGTERM_KIND = "melodi-longterm"
-LONGTERM_FORMAT_VERSION = 1
-PLAN = "plan.json"
-WINDOWS_PER_CHUNK = 16
+from premem.storage import kv, layout
+from premem.storage.commits import ShardCommits, StoreHandle
+from premem.storage.errors import FingerprintMismatch, StoreError, one_line
+from premem.storage.tensors import DTYPES, dtype_name, np_to_torch, to_numpy
 
 META_SCHEMA = pa.schema([
     ("doc_id", pa.string()),
@@ -103,53 +78,15 @@ class StoredState:
     doc_ids: list[str]
 
 
-def _shard_prefix(shard: int) -> str:
-    return f"shards/{shard:05d}/"
-
-
-def _codecs(inner: list[int], zstd_level: int = 3) -> list[dict]:
-    return [{
-        "name": "sharding_indexed",
-        "configuration": {
-            "chunk_shape": inner,
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                       {"name": "zstd", "configuration": {"level": zstd_level, "checksum": False}},
-                       {"name": "crc32c"}],
-            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
-            "index_location": "end",
-        },
-    }]
-
-
-class LongTermStore:
+class LongTermStore(StoreHandle):
     """Create/open a long-term memory store, write shards of documents, read FIFOs and end states."""
 
-    def __init__(self, path: str, manifest: dict, *, read_only: bool) -> None:
-        self.path = path
-        self.manifest = manifest
-        self.read_only = read_only
-        self._reset()
-
-    def _reset(self) -> None:
-        self._pid = os.getpid()
-        self._kv_handle: ts.KvStore | None = None
+    def _reset_handles(self) -> None:
+        super()._reset_handles()
         self._arrays: dict[str, ts.TensorStore] = {}
         self._index: dict[str, tuple[int, dict]] | None = None
         self._indexed: set[int] = set()
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path, "manifest": self.manifest, "read_only": self.read_only}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["manifest"], read_only=state["read_only"])
-
-    @property
-    def _kv(self) -> ts.KvStore:
-        if os.getpid() != self._pid:
-            self._reset()
-        if self._kv_handle is None:
-            self._kv_handle = _open_kv(self.path)
-        return self._kv_handle
+        self.commits = ShardCommits(self, layout.COMMITS)
 
     # --- properties ------------------------------------------------------------------------------
 
@@ -168,7 +105,7 @@ class LongTermStore:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return _DTYPES[self.dtype][0]
+        return DTYPES[self.dtype][0]
 
     @property
     def has_end_state(self) -> bool:
@@ -189,35 +126,35 @@ class LongTermStore:
                docs_per_shard: int, end_state: bool = True, checkpoint: dict | None = None,
                inputs: list[str] | None = None) -> LongTermStore:
         """Create a store, or reopen it for resuming when it was started with the same checkpoint and settings."""
-        path = normalize_path(path)
-        _check_not_a_file(path)
-        dtype = _dtype_name(dtype)
+        path = kv.normalize_path(path)
+        kv.check_not_a_file(path)
+        dtype = dtype_name(dtype)
         if not isinstance(fingerprint, str) or not fingerprint:
             raise StoreError(f"cannot create store {path}: fingerprint must be a non-empty string")
         want = {"dtype": dtype, "docs_per_shard": int(docs_per_shard), "end_state": bool(end_state),
                 "inputs": list(inputs or [])}
-        kv = _open_kv(path)
-        res = _kv_read(kv, MANIFEST, path)
+        store_kv = kv.open_kv(path)
+        res = kv.read(store_kv, layout.MANIFEST, path)
         if res.state != "value":
             manifest = {
-                "format_version": LONGTERM_FORMAT_VERSION,
-                "kind": LONGTERM_KIND,
+                "format_version": layout.LONGTERM_FORMAT_VERSION,
+                "kind": layout.LONGTERM_KIND,
                 "fingerprint": fingerprint,
                 "config": dict(config),
                 **want,
                 "checkpoint": dict(checkpoint or {}),
                 "layout": {"increments": "shards/NNNNN/increments [windows, L, d]",
                            "end_z": "shards/NNNNN/end_z [documents, num_layers, S, d]",
-                           "windows_per_chunk": WINDOWS_PER_CHUNK, "codec": "zarr3 sharding, zstd, crc32c"},
-                "created_at": _now(),
+                           "windows_per_chunk": layout.WINDOWS_PER_CHUNK, "codec": "zarr3 sharding, zstd, crc32c"},
+                "created_at": kv.now(),
                 "complete": False,
             }
-            gen = _kv_write(kv, MANIFEST, _dump_json(manifest), path, if_equal=res.stamp.generation)
+            gen = kv.write(store_kv, layout.MANIFEST, kv.dump_json(manifest), path, if_equal=res.stamp.generation)
             if gen.generation:
                 return cls(path, manifest, read_only=False)
-            res = _kv_read(kv, MANIFEST, path)  # another creator won: check against what it wrote
-        manifest = _parse_json(res.value, f"{path}/{MANIFEST}")
-        _check_format(manifest, path)
+            res = kv.read(store_kv, layout.MANIFEST, path)  # another creator won: check against what it wrote
+        manifest = kv.parse_json(res.value, f"{path}/{layout.MANIFEST}")
+        layout.check_manifest(manifest, path, layout.LONGTERM_KIND)
         if manifest["fingerprint"] != fingerprint:
             raise FingerprintMismatch(
                 f"store {path} holds long-term memory of checkpoint {manifest['fingerprint'][:12]}, this run's "
@@ -229,72 +166,60 @@ class LongTermStore:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, expected_fingerprint: str | None = None,
-             read_only: bool = True) -> LongTermStore:
-        """Open a store; with `expected_fingerprint` (see melodi_ckpt.model_fingerprint) refuse another model's."""
-        path = normalize_path(path)
-        _check_not_a_file(path)
-        res = _kv_read(_open_kv(path), MANIFEST, path)
-        if res.state != "value":
+             read_only: bool = True, lease_token: str | None = None) -> LongTermStore:
+        """Open a store; with `expected_fingerprint` (see melodi_ckpt.model_fingerprint) refuse another model's.
+        ``lease_token``: the writer lease (taken by the job) that every commit through this handle checks first."""
+        path = kv.normalize_path(path)
+        kv.check_not_a_file(path)
+        manifest = kv.read_json(kv.open_kv(path), layout.MANIFEST, path)
+        if manifest is None:
             raise StoreError(f"no premem store at {path} (manifest.json missing): run `premem compress` first")
-        manifest = _parse_json(res.value, f"{path}/{MANIFEST}")
-        _check_format(manifest, path)
+        layout.check_manifest(manifest, path, layout.LONGTERM_KIND)
         if expected_fingerprint is not None and manifest["fingerprint"] != expected_fingerprint:
             raise FingerprintMismatch(
                 f"store {path} holds long-term memory of checkpoint {manifest['fingerprint'][:12]}, expected "
                 f"{expected_fingerprint[:12]}: read it with the checkpoint that wrote it, or re-run `premem compress`")
-        return cls(path, manifest, read_only=read_only)
+        return cls(path, manifest, read_only=read_only, lease_token=lease_token)
 
     # --- plan ------------------------------------------------------------------------------------
 
     def write_plan(self, shards: list[list[str]]) -> dict:
         """Record which documents form each shard; a resumed run must come up with the same plan."""
         plan = {"num_shards": len(shards), "documents": sum(len(s) for s in shards), "shards": shards}
-        res = _kv_read(self._kv, PLAN, self.path)
-        if res.state == "value":
-            old = _parse_json(res.value, f"{self.path}/{PLAN}")
+        old = self.read_plan()
+        if old is not None:
             if old.get("shards") != shards:
                 raise StoreError(f"store {self.path} was started on other documents ({old.get('documents')} in "
                                  f"{old.get('num_shards')} shards, now {plan['documents']} in {len(shards)}): use "
                                  f"another --store or delete {self.path}")
             return old
-        _kv_write(self._kv, PLAN, _dump_json(plan), self.path)
+        self.write_key(layout.PLAN, kv.dump_json(plan))
         return plan
 
     def read_plan(self) -> dict | None:
-        res = _kv_read(self._kv, PLAN, self.path)
-        return _parse_json(res.value, f"{self.path}/{PLAN}") if res.state == "value" else None
+        return self.read_json(layout.PLAN)
 
     # --- commits ---------------------------------------------------------------------------------
 
     def committed_shards(self) -> set[int]:
-        return list_marked_shards(self._kv, self.path, "commits/")
+        return self.commits.committed()
 
     def is_committed(self, shard: int) -> bool:
-        return _kv_read(self._kv, _marker_key(shard), self.path).state == "value"
-
-    def _markers(self) -> list[dict]:
-        out = []
-        for s in sorted(self.committed_shards()):
-            res = _kv_read(self._kv, _marker_key(s), self.path)
-            if res.state == "value":
-                out.append(_parse_json(res.value, f"{self.path}/{_marker_key(s)}"))
-        return out
+        return self.commits.is_committed(shard)
 
     # --- writing ---------------------------------------------------------------------------------
 
     def shard_writer(self, shard: int, documents: list[dict]) -> LongTermShardWriter:
         """Writer of one shard; `documents` (in shard order): dicts with doc_id, title, source, position, n_tokens."""
-        if self.read_only:
-            raise StoreError(f"store {self.path} was opened read-only: open it with read_only=False to write")
+        self.require_writable()
         if self.is_committed(shard):
             raise StoreError(f"shard {shard} of store {self.path} is already committed: skip it")
         return LongTermShardWriter(self, shard, documents)
 
     def finalize(self, rejected: int = 0) -> dict:
-        if self.read_only:
-            raise StoreError(f"store {self.path} was opened read-only: open it with read_only=False to finalize")
+        self.require_writable("finalize")
         plan = self.read_plan() or {"num_shards": 0, "documents": 0}
-        markers = self._markers()
+        markers = self.commits.read_all()
         m = dict(self.manifest)
         m["num_shards"] = int(plan["num_shards"])
         m["shards"] = markers
@@ -302,18 +227,18 @@ class LongTermStore:
             m[k] = int(sum(int(x.get(k, 0)) for x in markers))
         m["rejected"] = int(rejected)
         m["complete"] = len(markers) == m["num_shards"]
-        m["finalized_at"] = _now()
-        _kv_write(self._kv, MANIFEST, _dump_json(m), self.path)
+        m["finalized_at"] = kv.now()
+        self.write_key(layout.MANIFEST, kv.dump_json(m))
         self.manifest = m
         return m
 
     def summary(self) -> dict:
         plan = self.read_plan() or {"num_shards": 0}
-        markers = self._markers()
+        markers = self.commits.read_all()
         tot = {k: int(sum(int(x.get(k, 0)) for x in markers))
                for k in ("documents", "tokens", "windows", "padded_windows", "bytes")}
-        disk = _dir_bytes(self.path) if _is_local(self.path) else None
-        return {"path": self.path, "kind": LONGTERM_KIND, "num_shards": int(plan["num_shards"]),
+        disk = kv.dir_bytes(self.path) if kv.is_local(self.path) else None
+        return {"path": self.path, "kind": layout.LONGTERM_KIND, "num_shards": int(plan["num_shards"]),
                 "committed_shards": len(markers), **tot,
                 "bytes_per_token": tot["bytes"] / tot["tokens"] if tot["tokens"] else 0.0,
                 "bytes_on_disk": disk, "dtype": self.dtype, "config": self.config, "end_state": self.has_end_state,
@@ -324,13 +249,14 @@ class LongTermStore:
     def _array(self, shard: int, name: str) -> ts.TensorStore:
         key = f"{shard}/{name}"
         if key not in self._arrays:
-            spec = {"driver": "zarr3", "kvstore": kvstore_spec(self.path, _shard_prefix(shard) + name + "/"),
+            prefix = layout.longterm_array(shard, name)
+            spec = {"driver": "zarr3", "kvstore": kv.kvstore_spec(self.path, prefix),
                     "recheck_cached_data": False, "recheck_cached_metadata": False}
             try:
                 self._arrays[key] = ts.open(spec, open=True, read=True).result()
             except Exception as e:
-                raise StoreError(f"store {self.path}: cannot open {_shard_prefix(shard)}{name} ({_one_line(e)}): "
-                                 f"delete {_marker_key(shard)} and resume `premem compress` to rewrite "
+                raise StoreError(f"store {self.path}: cannot open {prefix} ({one_line(e)}): "
+                                 f"delete {self.commits.key(shard)} and resume `premem compress` to rewrite "
                                  f"shard {shard}") from e
         return self._arrays[key]
 
@@ -339,10 +265,10 @@ class LongTermStore:
         if self._index is None:
             self._index = {}
         for s in sorted(self.committed_shards() - self._indexed):
-            res = _kv_read(self._kv, _meta_key(s), self.path)
+            res = self.read_key(layout.meta_key(s))
             if res.state != "value":
-                raise StoreError(f"store {self.path}: shard {s} is committed but {_meta_key(s)} is missing: the "
-                                 f"store is damaged, delete {_marker_key(s)} and resume `premem compress`")
+                raise StoreError(f"store {self.path}: shard {s} is committed but {layout.meta_key(s)} is missing: the "
+                                 f"store is damaged, delete {self.commits.key(s)} and resume `premem compress`")
             for row in pq.read_table(pa.BufferReader(res.value)).to_pylist():
                 self._index[row["doc_id"]] = (s, row)
             self._indexed.add(s)
@@ -394,15 +320,15 @@ class LongTermStore:
             lo = max(0, k - Q)
             if k > lo:
                 off = int(row["offset"])
-                futs.append((b, k - lo, self._array(s, "increments")[off + lo: off + k].read()))
+                futs.append((b, k - lo, self._array(s, layout.INCREMENTS)[off + lo: off + k].read()))
         for b, n, f in futs:
             try:
                 incs = f.result()
             except Exception as e:
                 raise StoreError(
-                    f"store {self.path}: cannot read the increments of {doc_ids[b]!r} ({_one_line(e)})") from e
+                    f"store {self.path}: cannot read the increments of {doc_ids[b]!r} ({one_line(e)})") from e
             out[b, (Q - n) * L:] = incs.reshape(n * L, d)
-        fifo = _np_to_torch(out)
+        fifo = np_to_torch(out)
         if dtype is not None:
             fifo = fifo.to(dtype)
         n_valid = torch.from_numpy(np.minimum(wins, Q))
@@ -420,16 +346,16 @@ class LongTermStore:
         nl, S, d = self._c("num_layers"), self._c("S"), self._c("d_model")
         z = np.zeros((nl, len(found), S, d), dtype=self.numpy_dtype)
         if S > 0:
-            futs = [(b, self._array(s, "end_z")[int(row["index"])].read()) for b, (s, row) in enumerate(found)]
+            futs = [(b, self._array(s, layout.END_Z)[int(row["index"])].read()) for b, (s, row) in enumerate(found)]
             for b, f in futs:
                 try:
                     z[:, b] = f.result()
                 except Exception as e:
                     raise StoreError(
-                        f"store {self.path}: cannot read the end state of {doc_ids[b]!r} ({_one_line(e)})") from e
+                        f"store {self.path}: cannot read the end state of {doc_ids[b]!r} ({one_line(e)})") from e
         n_windows = [int(row["n_windows"]) for _, row in found]
         lt = self.long_term(doc_ids, n_windows, dtype=dtype)
-        zt = _np_to_torch(z)
+        zt = np_to_torch(z)
         if dtype is not None:
             zt = zt.to(dtype)
         state = StoredState(zt, lt.fifo, lt.n_valid, torch.tensor([int(r["n_tokens"]) for _, r in found]),
@@ -470,7 +396,7 @@ class LongTermShardWriter:
         doc = self.docs[index]
         if self._written[index]:
             raise StoreError(f"document {doc['doc_id']!r} written twice to shard {self.shard}")
-        x = _to_numpy(increments, self.store.numpy_dtype)
+        x = to_numpy(increments, self.store.numpy_dtype)
         if x.shape != (doc["n_windows"], self.L, self.d):
             raise StoreError(f"increments of {doc['doc_id']!r} must be [{doc['n_windows']}, {self.L}, {self.d}], "
                              f"got {list(x.shape)}")
@@ -478,7 +404,7 @@ class LongTermShardWriter:
         if self.end_z is not None:
             if end_z is None:
                 raise StoreError(f"store {self.store.path} keeps end states: pass end_z for {doc['doc_id']!r}")
-            z = _to_numpy(end_z, self.store.numpy_dtype)
+            z = to_numpy(end_z, self.store.numpy_dtype)
             if z.shape != (self.nl, self.S, self.d):
                 raise StoreError(
                     f"end_z of {doc['doc_id']!r} must be [{self.nl}, {self.S}, {self.d}], got {list(z.shape)}")
@@ -487,67 +413,45 @@ class LongTermShardWriter:
 
     def _create(self, name: str, data: np.ndarray, inner: list[int], dims: list[str]) -> None:
         st = self.store
-        spec = {
-            "driver": "zarr3",
-            "kvstore": kvstore_spec(st.path, _shard_prefix(self.shard) + name + "/"),
-            "metadata": {
-                "shape": list(data.shape), "data_type": st.dtype, "fill_value": 0,
-                # one outer chunk (one file) holding the whole array, a whole number of inner chunks
-                "chunk_grid": {"name": "regular", "configuration": {
-                    "chunk_shape": [-(-data.shape[0] // inner[0]) * inner[0], *data.shape[1:]]}},
-                "codecs": _codecs(inner), "dimension_names": dims,
-            },
-        }
+        # one outer chunk (one file) holding the whole array, a whole number of inner chunks
+        outer = [-(-data.shape[0] // inner[0]) * inner[0], *data.shape[1:]]
+        spec = layout.zarr_spec(kv.kvstore_spec(st.path, layout.longterm_array(self.shard, name)), shape=list(data.shape),
+                                dtype=st.dtype, chunk_shape=outer, codecs=layout.sharded_codecs(inner, 3),
+                                dimension_names=dims)
         arr = ts.open(spec, create=True, delete_existing=True).result()
         arr.write(data).result()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             return False
-        st = self.store
         if not self._written.all():
             first = self.docs[int(np.argmin(self._written))]["doc_id"]
             raise StoreError(f"shard {self.shard}: {int((~self._written).sum())} documents were never written "
                              f"(first: {first!r}); nothing committed")
+        self.marker = self.store.commits.commit(self.shard, self._write_data)
+        return False
+
+    def _write_data(self) -> dict:
+        st = self.store
         try:
             n = self.increments.shape[0]
-            self._create("increments", self.increments, [min(WINDOWS_PER_CHUNK, n), self.L, self.d],
+            self._create(layout.INCREMENTS, self.increments, [min(layout.WINDOWS_PER_CHUNK, n), self.L, self.d],
                          ["window", "token", "feature"])
             if self.end_z is not None and self.S > 0:
-                self._create("end_z", self.end_z, [1, self.nl, self.S, self.d],
+                self._create(layout.END_Z, self.end_z, [1, self.nl, self.S, self.d],
                              ["document", "layer", "token", "feature"])
         except Exception as e:
             raise StoreError(
-                f"store {st.path}: writing shard {self.shard} failed ({_one_line(e)}): resume `premem compress`") from e
+                f"store {st.path}: writing shard {self.shard} failed ({one_line(e)}): resume `premem compress`") from e
         rows = [{k: doc.get(k) for k in META_SCHEMA.names} for doc in self.docs]
-        table = pa.Table.from_pylist(rows, schema=META_SCHEMA)
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        _kv_write(st._kv, _meta_key(self.shard), buf.getvalue(), st.path)
-        tokens = int(sum(int(doc["n_tokens"]) for doc in self.docs))
-        self.marker = {
-            "shard": self.shard,
+        pq.write_table(pa.Table.from_pylist(rows, schema=META_SCHEMA), buf, compression="zstd")
+        st.write_key(layout.meta_key(self.shard), buf.getvalue())
+        return {
             "documents": len(self.docs),
-            "tokens": tokens,
+            "tokens": int(sum(int(doc["n_tokens"]) for doc in self.docs)),
             "windows": int(self.increments.shape[0]),
             "padded_windows": int(sum(doc["last_window_tokens"] < self.W for doc in self.docs)),
             "bytes": int(self.increments.nbytes + (self.end_z.nbytes if self.end_z is not None else 0)),
-            "committed_at": _now(),
             "fingerprint": st.fingerprint,
         }
-        _kv_write(st._kv, _marker_key(self.shard), _dump_json(self.marker), st.path)
-        return False
-
-
-def _check_format(manifest: dict, path: str) -> None:
-    if manifest.get("kind") != LONGTERM_KIND:
-        raise StoreError(f"{path} is not a MELODI long-term memory store (kind={manifest.get('kind')!r}): pass a "
-                         f"store written by `premem compress`")
-    if manifest.get("format_version") != LONGTERM_FORMAT_VERSION:
-        raise StoreError(f"store {path} has format_version {manifest.get('format_version')!r}, this premem reads "
-                         f"{LONGTERM_FORMAT_VERSION}: upgrade premem or re-run `premem compress`")
-    for k in ("fingerprint", "config", "dtype", "end_state"):
-        if k not in manifest:
-            raise StoreError(f"{path}/{MANIFEST} lacks {k!r}: the store is damaged, re-run `premem compress`")
-    if manifest["dtype"] not in _DTYPES:
-        raise StoreError(f"store {path} has unsupported dtype {manifest['dtype']!r}: upgrade premem")

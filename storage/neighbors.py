@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from premem.storage.store import FingerprintMismatch, StoreError
+from premem.storage.errors import FingerprintMismatch, StoreError
 
 NEIGHBORS_FORMAT = 1
 SCHEMA = pa.schema([

@@ -27,14 +27,11 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from premem.storage.errors import ReaderError
 from premem.storage.neighbors import Neighbors, read_neighbors
-from premem.storage.store import MemoryStore, StoreError
+from premem.storage.store import MemoryStore
 
 LABEL_PAD = -100  # ignored by the cross-entropy of Hugging Face seq2seq models
-
-
-class ReaderError(StoreError):
-    """A question set, neighbours file and store that do not fit together; the message says how to fix it."""
 
 
 # --------------------------------------------------------------------------------------------

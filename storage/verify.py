@@ -19,24 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorstore as ts
 
-from premem.storage.store import (
-    KIND,
-    MANIFEST,
-    MemoryStore,
-    StoreError,
-    _check_format,
-    _check_not_a_file,
-    _is_corruption,
-    _is_local,
-    _kv_read,
-    _marker_key,
-    _meta_key,
-    _one_line,
-    _open_kv,
-    _parse_manifest,
-    kvstore_spec,
-    normalize_path,
-)
+from premem.storage import kv, layout
+from premem.storage.errors import StoreError, one_line
+from premem.storage.faiss_index import file_digest
+from premem.storage.store import MemoryStore
 
 # bytes of decoded memory read at once while checking
 _BLOCK_BYTES = 64 << 20
@@ -127,17 +113,17 @@ def verify_store(path, *, progress: Callable[[int, int], None] | None = None) ->
     ``progress(done, total)`` is called per shard of the kind-specific check.
     """
     t0 = time.perf_counter()
-    path = normalize_path(path)
-    _check_not_a_file(path)
+    path = kv.normalize_path(path)
+    kv.check_not_a_file(path)
     report = VerifyReport(path=path)
-    kv = _open_kv(path)
-    res = _kv_read(kv, MANIFEST, path)
+    store_kv = kv.open_kv(path)
+    res = kv.read(store_kv, layout.MANIFEST, path)
     if res.state != "value":
         raise StoreError(f"no premem store at {path} (manifest.json missing): pass a store made by premem")
     try:
-        manifest = _parse_manifest(res.value, path)
+        manifest = kv.parse_json(res.value, f"{path}/{layout.MANIFEST}")
     except StoreError as e:
-        report.add("manifest", str(e), key=MANIFEST)
+        report.add("manifest", str(e), key=layout.MANIFEST)
         report.seconds = time.perf_counter() - t0
         return report
     report.kind = str(manifest.get("kind", "?"))
@@ -145,27 +131,25 @@ def verify_store(path, *, progress: Callable[[int, int], None] | None = None) ->
     done: set = set()
     if verifier is not None:
         done = verifier(path, manifest, report, progress=progress)
-    for name in sorted(_zarr_arrays(kv) - set(done)):  # arrays no kind-specific check read
+    for name in sorted(_zarr_arrays(store_kv, path) - set(done)):  # arrays no kind-specific check read
         _scan_array(path, name, manifest, report)
-    _check_index_files(kv, path, manifest, report)
+    _check_index_files(store_kv, path, manifest, report)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _check_index_files(kv: ts.KvStore, path: str, manifest: dict, report: VerifyReport) -> None:
+def _check_index_files(store_kv: ts.KvStore, path: str, manifest: dict, report: VerifyReport) -> None:
     """The faiss index files against the size and crc32c `premem index` recorded for them."""
-    from premem.storage.faiss_index import file_digest
-
     for key, recorded in ((manifest.get("index") or {}).get("files") or {}).items():
         local = os.path.join(path, key)
         try:
-            if _is_local(path):
+            if kv.is_local(path):
                 found = file_digest(local) if os.path.exists(local) else None
             else:
-                res = kv.read(key).result()
+                res = store_kv.read(key).result()
                 found = file_digest(bytes(res.value)) if res.state == "value" else None
         except Exception as e:
-            report.add("index", f"cannot be read ({_one_line(e)}): rebuild it with `premem index {path}`", key=key)
+            report.add("index", f"cannot be read ({one_line(e)}): rebuild it with `premem index {path}`", key=key)
             continue
         report.checked_arrays.append(key)
         if found is None:
@@ -176,15 +160,10 @@ def _check_index_files(kv: ts.KvStore, path: str, manifest: dict, report: Verify
                                 f"with `premem index {path}`", key=key)
 
 
-def _zarr_arrays(kv: ts.KvStore) -> set[str]:
+def _zarr_arrays(store_kv: ts.KvStore, path: str) -> set[str]:
     """Names (key prefixes) of the Zarr v3 arrays in a store."""
-    try:
-        keys = kv.list().result()
-    except Exception as e:
-        raise StoreError(f"cannot list the store's files ({_one_line(e)})") from e
     out = set()
-    for k in keys:
-        k = k.decode(errors="replace")
+    for k in kv.list_keys(store_kv, "", path):
         if k.endswith("/zarr.json") and "/c/" not in k:
             out.add(k[: -len("/zarr.json")])
     return out
@@ -193,9 +172,10 @@ def _zarr_arrays(kv: ts.KvStore) -> set[str]:
 def _scan_array(path: str, name: str, manifest: dict, report: VerifyReport) -> None:
     """Read any Zarr array chunk by chunk along its first axis; name the rows (and shards) that fail."""
     try:
-        arr = ts.open({"driver": "zarr3", "kvstore": kvstore_spec(path, name + "/")}, open=True, read=True).result()
+        spec = {"driver": "zarr3", "kvstore": kv.kvstore_spec(path, layout.array_prefix(name))}
+        arr = ts.open(spec, open=True, read=True).result()
     except Exception as e:
-        report.add("structure", f"the {name}/ array cannot be opened ({_one_line(e)})", key=f"{name}/zarr.json")
+        report.add("structure", f"the {name}/ array cannot be opened ({one_line(e)})", key=f"{name}/zarr.json")
         return
     report.checked_arrays.append(name)
     if arr.rank == 0 or arr.shape[0] == 0:
@@ -218,9 +198,9 @@ def _scan_array(path: str, name: str, manifest: dict, report: VerifyReport) -> N
                 arr[a:b].read().result()
                 report.checked_chunks += 1
             except Exception as e:
-                what = "fails its checksum / does not decode" if _is_corruption(e) else "cannot be read"
+                what = "fails its checksum / does not decode" if kv.is_corruption(e) else "cannot be read"
                 shard = a // shard_size if shard_size else None
-                report.add("checksum", f"{name} rows {a}..{b - 1} {what} ({_one_line(e)})", shard=shard,
+                report.add("checksum", f"{name} rows {a}..{b - 1} {what} ({one_line(e)})", shard=shard,
                            rows=range(a, b), key=f"{name}/")
 
 
@@ -228,62 +208,62 @@ def _scan_array(path: str, name: str, manifest: dict, report: VerifyReport) -> N
 # the LUMEN memory store
 
 
-@register_verifier(KIND)
+@register_verifier(layout.KIND)
 def verify_memory_store(path: str, manifest: dict, report: VerifyReport,
                         progress: Callable[[int, int], None] | None = None) -> set:
     """memory/ + lengths/ + commits/ + meta/ of a LUMEN memory store."""
     try:
-        _check_format(manifest, path)
+        layout.check_manifest(manifest, path, layout.KIND)
     except StoreError as e:
-        report.add("manifest", str(e), key=MANIFEST)
+        report.add("manifest", str(e), key=layout.MANIFEST)
         return set()
     store = MemoryStore.open(path, cache_bytes=0)
     report.num_shards = store.num_shards
     if store.num_shards != -(-store.rows // store.shard_size):
         report.add("manifest", f"num_shards={store.num_shards} does not match rows={store.rows} / "
-                               f"shard_size={store.shard_size}", key=MANIFEST)
+                               f"shard_size={store.shard_size}", key=layout.MANIFEST)
         return set()
     if not _check_arrays(store, report):
-        return {"memory", "lengths"}
+        return {layout.MEMORY, layout.LENGTHS}
     committed = sorted(store.committed_shards())
     report.committed_shards = committed
     report.uncommitted_shards = sorted(set(range(store.num_shards)) - set(committed))
     listed = {int(m.get("shard", -1)) for m in manifest.get("shards") or []}
     for s in sorted(listed - set(committed)):
         report.add("manifest", "listed as committed in manifest.json but its commit marker is gone", shard=s,
-                   key=_marker_key(s))
+                   key=store.commits.key(s))
     for s in report.uncommitted_shards:
         if s not in listed:
             report.add("uncommitted", "not committed (the store is incomplete): resume `premem encode`", shard=s)
     if manifest.get("complete") and report.uncommitted_shards:
         report.add("manifest", f"manifest.json says complete but {len(report.uncommitted_shards)} shards are not "
-                               f"committed", key=MANIFEST)
+                               f"committed", key=layout.MANIFEST)
     recorded = [m for m in manifest.get("shards") or [] if int(m.get("shard", -1)) in set(committed)]
     if manifest.get("shards"):  # finalized: its totals must add up over the markers it lists
         for k in ("passages", "tokens"):
             total = sum(int(m.get(k, 0)) for m in manifest["shards"])
             if int(manifest.get(k, total)) != total:
-                report.add("manifest", f"{k}={manifest.get(k)} but its listed shards hold {total}", key=MANIFEST)
+                report.add("manifest", f"{k}={manifest.get(k)} but its listed shards hold {total}", key=layout.MANIFEST)
     encoded_by_premem = bool((manifest.get("extra") or {}).get("shards_dir"))
     for i, s in enumerate(committed):
         _check_shard(store, s, report, need_meta=encoded_by_premem,
                      recorded=next((m for m in recorded if int(m["shard"]) == s), None))
         if progress is not None:
             progress(i + 1, len(committed))
-    return {"memory", "lengths"}
+    return {layout.MEMORY, layout.LENGTHS}
 
 
 def _check_arrays(store: MemoryStore, report: VerifyReport) -> bool:
     recorded = ((store.manifest.get("codec") or {}).get("memory") or {}).get("chunk_shape")
     want = {
-        "memory": ((store.rows, store.max_tokens, store.d_model), store.dtype,
-                   tuple(recorded or (store.shard_size, store.max_tokens, store.d_model))),
-        "lengths": ((store.rows,), "int32", (store.shard_size,)),
+        layout.MEMORY: ((store.rows, store.max_tokens, store.d_model), store.dtype,
+                        tuple(recorded or (store.shard_size, store.max_tokens, store.d_model))),
+        layout.LENGTHS: ((store.rows,), "int32", (store.shard_size,)),
     }
     ok = True
     for name, (shape, dtype, chunk) in want.items():
         try:
-            arr = store._array(name)
+            arr = store.array(name)
         except StoreError as e:
             report.add("structure", str(e), key=f"{name}/zarr.json")
             ok = False
@@ -302,11 +282,12 @@ def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta:
                  recorded: dict | None = None) -> None:
     rng = store.shard_rows(s)
     rows = np.arange(rng.start, rng.stop)
-    mem_key = f"memory/c/{s}/0/0"
+    mem_key = layout.chunk_key(layout.MEMORY, s, 3)
+    len_key = layout.chunk_key(layout.LENGTHS, s, 1)
     try:
         marker = store.read_marker(s)
     except StoreError as e:
-        report.add("structure", str(e), shard=s, key=_marker_key(s))
+        report.add("structure", str(e), shard=s, key=store.commits.key(s))
         marker = None
     if marker is not None:
         expect = {"shard": s, "start": rng.start, "stop": rng.stop, "fingerprint": store.fingerprint}
@@ -316,28 +297,28 @@ def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta:
                      if marker.get(k) != recorded.get(k)]
         if diff:
             report.add("structure", f"commit marker disagrees with the manifest: {', '.join(diff)}", shard=s,
-                       key=_marker_key(s))
+                       key=store.commits.key(s))
     # lengths: one chunk per shard
     lengths = None
     try:
-        lengths = store._array("lengths")[rng.start:rng.stop].read().result().astype(np.int64)
+        lengths = store.array(layout.LENGTHS)[rng.start:rng.stop].read().result().astype(np.int64)
         report.checked_chunks += 1
     except Exception as e:
-        report.add("checksum", f"the lengths chunk fails its checksum / cannot be read ({_one_line(e)})", shard=s,
-                   rows=rows, key=f"lengths/c/{s}")
+        report.add("checksum", f"the lengths chunk fails its checksum / cannot be read ({one_line(e)})", shard=s,
+                   rows=rows, key=len_key)
     if lengths is not None:
         bad = (lengths < 0) | (lengths > store.max_tokens)
         if bad.any():
             report.add("lengths", f"lengths outside 0..{store.max_tokens}", shard=s, rows=rows[bad],
-                       key=f"lengths/c/{s}")
+                       key=len_key)
             lengths = None
         elif marker is not None and "tokens" in marker and int(lengths.sum()) != int(marker["tokens"]):
             report.add("lengths", f"lengths sum to {int(lengths.sum())} tokens, the commit marker says "
-                                  f"{marker['tokens']}", shard=s, rows=rows, key=f"lengths/c/{s}")
+                                  f"{marker['tokens']}", shard=s, rows=rows, key=len_key)
     # memory: every inner chunk (one per row) decoded, so crc32c checks every byte
     per_row = store.max_tokens * store.d_model * store.numpy_dtype.itemsize
     block = max(1, _BLOCK_BYTES // per_row)
-    arr = store._array("memory")
+    arr = store.array(layout.MEMORY)
     for a in range(rng.start, rng.stop, block):
         b = min(a + block, rng.stop)
         try:
@@ -350,8 +331,8 @@ def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta:
                     data.append(arr[r].read().result())
                     good.append(r)
                 except Exception as e:
-                    what = "fails its checksum" if _is_corruption(e) else "cannot be read"
-                    report.add("checksum", f"the passage chunk {what} ({_one_line(e)})", shard=s, rows=[r],
+                    what = "fails its checksum" if kv.is_corruption(e) else "cannot be read"
+                    report.add("checksum", f"the passage chunk {what} ({one_line(e)})", shard=s, rows=[r],
                                key=mem_key)
             if not good:
                 continue
@@ -388,9 +369,9 @@ def _check_values(data: np.ndarray, lens: np.ndarray, rows: np.ndarray, s: int, 
 
 def _check_meta(store: MemoryStore, s: int, rows: np.ndarray, lengths, report: VerifyReport, *,
                 need_meta: bool) -> None:
-    key = _meta_key(s)
+    key = layout.meta_key(s)
     try:
-        res = _kv_read(store._kv, key, store.path)
+        res = store.read_key(key)
     except StoreError as e:
         report.add("metadata", str(e), shard=s, key=key)
         return
@@ -401,7 +382,7 @@ def _check_meta(store: MemoryStore, s: int, rows: np.ndarray, lengths, report: V
     try:
         table = pq.read_table(pa.BufferReader(res.value))
     except Exception as e:
-        report.add("metadata", f"not a readable parquet file ({_one_line(e)})", shard=s, key=key)
+        report.add("metadata", f"not a readable parquet file ({one_line(e)})", shard=s, key=key)
         return
     if "row" not in table.column_names:
         report.add("metadata", "no 'row' column", shard=s, key=key)
@@ -416,4 +397,4 @@ def _check_meta(store: MemoryStore, s: int, rows: np.ndarray, lengths, report: V
         mismatch = tl != lengths[trows - rows[0]]
         if mismatch.any():
             report.add("lengths", "stored lengths differ from the passage metadata's", shard=s, rows=trows[mismatch],
-                       key=f"lengths/c/{s}")
+                       key=layout.chunk_key(layout.LENGTHS, s, 1))

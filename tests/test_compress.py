@@ -16,7 +16,7 @@ from premem.models import CheckpointError
 from premem.models.melodi import MelodiConfig, MelodiLM, MelodiState
 from premem.models.melodi_ckpt import ByteTokenizer, load_checkpoint, model_fingerprint, save_checkpoint
 from premem.pipeline.compress import compress_documents, plan_shards
-from premem.storage import FingerprintMismatch, MemoryStore, StoreError
+from premem.storage import FingerprintMismatch, StoreError, open_store
 from premem.storage.longterm import LongTermStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,7 +70,7 @@ def _doc_tokens(text: str) -> tuple[torch.Tensor, int]:
 def test_stored_increments_equal_full_forward(compressed):
     """(a) per document and window, the stored FIFO is the long-term layer's FIFO inside one full forward."""
     model = compressed["model"]
-    store = MemoryStore.open(compressed["root"] / "store", expected_fingerprint=compressed["fp"])
+    store = open_store(compressed["root"] / "store", expected_fingerprint=compressed["fp"])
     assert isinstance(store, LongTermStore)
     c = model.config
     for doc, text in compressed["texts"].items():

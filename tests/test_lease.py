@@ -106,7 +106,7 @@ def test_a_writer_that_lost_its_lease_commits_nothing(tmp_path):
     path = tmp_path / "s"
     store = MemoryStore.create(path, rows=4, max_tokens=3, d_model=2, shard_size=2, fingerprint="f" * 64, encoder={})
     lease = StoreLease(path).acquire()
-    store.commit_guard = lambda: check_lease(path, lease.token)
+    store.lease_token = lease.token  # what a job hands its writers: every commit checks it first
     with store.shard_writer(0) as w:
         w.write([0, 1], np.ones((2, 3, 2), np.float32), [3, 2])
     StoreLease(path, force=True).acquire()  # another job takes over
@@ -162,7 +162,7 @@ def test_two_concurrent_encode_jobs(tmp_path):
 
 def test_index_and_compress_jobs_take_the_lease_first(tmp_path):
     from premem.jobs.melodi_run import run_compress
-    from premem.pipeline.index import build_index
+    from premem.jobs.index import build_index
 
     store = tmp_path / "s"
     with StoreLease(store, job="premem encode"):

@@ -87,20 +87,20 @@ class _Crash(BaseException):
 
 
 def test_crash_between_data_and_marker_redoes_the_shard(tmp_path, shards, clean, monkeypatch):
-    import premem.storage.store as store_module
+    import premem.storage.kv as kv_module
 
     store = tmp_path / "store"
-    real_write = store_module._kv_write
+    real_write = kv_module.write
 
     def dying_write(kv, key, value, path, if_equal=None):
         if key == "commits/shard-00002.json":  # shard 2's data is committed, its marker not yet
             raise _Crash()
         return real_write(kv, key, value, path, if_equal)
 
-    monkeypatch.setattr(store_module, "_kv_write", dying_write)
+    monkeypatch.setattr(kv_module, "write", dying_write)
     with pytest.raises(BaseException, match="_Crash"):  # Beam re-raises it wrapped
         main.main([str(a) for a in encode_args(shards, store)], standalone_mode=False)
-    monkeypatch.setattr(store_module, "_kv_write", real_write)
+    monkeypatch.setattr(kv_module, "write", real_write)
     assert (store / "memory" / "c" / "2").exists() and not (store / "commits" / "shard-00002.json").exists()
     assert verify_store(store).uncommitted_shards  # the store is incomplete, and says so
 

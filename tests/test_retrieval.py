@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from premem.jobs.cli import main
+from premem.jobs.index import IndexConfig, build_index
 from premem.jobs.run import run_encode, run_shard
-from premem.models.retriever import MEMORY_MEAN, RetrieverConfig
+from premem.models.retriever import MEMORY_MEAN, RetrieverConfig, query_encoder
 from premem.pipeline.encode import EncoderConfig
-from premem.pipeline.index import IndexConfig, build_index
 from premem.pipeline.shard import ShardConfig
 from premem.storage import FingerprintMismatch, MemoryStore, read_neighbors
 from premem.storage import faiss_index as fx
@@ -113,7 +113,8 @@ def test_memory_mean_retriever(shards, minilm_path, tmp_path):
     # A question is encoded by the same memory encoder: a passage's own rendering finds that passage.
     meta = store.read_metadata([5]).to_pylist()[0]
     query = store.encoder["template"].format(title=meta["title"], text=meta["text"])
-    result = MemoryStore.open(str(path)).search([query], 3)
+    opened = MemoryStore.open(str(path))
+    result = opened.search([query], 3, encoder=query_encoder(opened.manifest))
     assert result.rows[0, 0] == 5 and result.scores[0, 0] == pytest.approx(1.0, abs=1e-3)
 
 
@@ -149,7 +150,9 @@ def test_on_disk_ivf_index_gives_the_same_results(store_path, tmp_path):
     record = build_index(str(disk), IndexConfig(factory="IVF4,Flat", on_disk=True))
     assert record["on_disk"] and (disk / "index" / "ivfdata").exists()
     queries = ["Who's there? Nay, answer me: stand, and unfold yourself.", "When shall we three meet again"]
-    a, b = MemoryStore.open(str(memory)).search(queries, 5), MemoryStore.open(str(disk)).search(queries, 5)
+    in_memory, on_disk = MemoryStore.open(str(memory)), MemoryStore.open(str(disk))
+    encoder = query_encoder(in_memory.manifest)
+    a, b = in_memory.search(queries, 5, encoder=encoder), on_disk.search(queries, 5, encoder=encoder)
     np.testing.assert_array_equal(a.rows, b.rows)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
@@ -206,7 +209,7 @@ def test_a_line_finds_its_passage(store_path, play_texts, tmp_path):
     random.Random(0).shuffle(pairs)
     pairs = pairs[:200]
     assert len(pairs) >= 100
-    result = store.search([line for line, _ in pairs], 10)
+    result = store.search([line for line, _ in pairs], 10, encoder=query_encoder(store.manifest))
     hits = np.mean([row in found for (_, row), found in zip(pairs, result.rows.tolist(), strict=True)])
     assert hits >= 0.9, f"only {hits:.2%} of lines found their passage in the top 10"
 
@@ -224,11 +227,11 @@ def test_bad_search_input_is_a_clear_error(store_path, tmp_path, minilm_path):
     with pytest.raises(fx.RetrievalError, match=r"must have shape \[Q, 384\]"):
         store.search(np.ones((2, 16), np.float32), 3)
     with pytest.raises(FingerprintMismatch, match="not memory-mean"):
-        store.search(["a question"], 3, retriever=MEMORY_MEAN)
+        store.search(["a question"], 3, encoder=query_encoder(store.manifest, retriever=MEMORY_MEAN))
     # A different sentence encoder of the same width: refused by fingerprint, not answered with garbage.
     other = _random_bert(tmp_path / "other-retriever", minilm_path)
     with pytest.raises(FingerprintMismatch, match="query with the retriever the store was embedded with"):
-        store.search(["a question"], 3, retriever=str(other))
+        store.search(["a question"], 3, encoder=query_encoder(store.manifest, retriever=str(other)))
 
 
 def _random_bert(directory, minilm_path):
@@ -285,7 +288,8 @@ def test_cli_index_search_retrieve(store_path, tmp_path):
     result = runner.invoke(main, ["search", str(path), query, "-k", "3"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    expected = MemoryStore.open(str(path)).search([query], 3)
+    opened = MemoryStore.open(str(path))
+    expected = opened.search([query], 3, encoder=query_encoder(opened.manifest))
     assert [int(line.split("  row ")[1].split()[0]) for line in lines] == expected.rows[0].tolist()
     assert lines[0].startswith(f"  1. {expected.scores[0, 0]:.4f}  row ")
     assert runner.invoke(main, ["search", str(path), " "]).exit_code == 2
@@ -312,7 +316,7 @@ def test_cli_index_search_retrieve(store_path, tmp_path):
     assert neighbors.retriever_fingerprint == store.manifest["retriever"]["fingerprint"]
     by_id = dict(zip(neighbors.question_ids, range(3), strict=True))
     assert set(by_id) == {"q1", "2", fx_hash("a tempest at sea")}
-    expected = store.search([q["question"] for q in good], 5)
+    expected = store.search([q["question"] for q in good], 5, encoder=query_encoder(store.manifest))
     for q, rows, scores in zip(good, expected.rows, expected.scores, strict=True):
         i = by_id[str(q.get("id", fx_hash(q["question"])))]
         np.testing.assert_array_equal(neighbors.rows[i], rows)
@@ -354,7 +358,7 @@ def test_window_vectors_find_lines_and_score_rows_by_their_best_window(store_pat
     store = MemoryStore.open(str(path))
     pairs = _lines_and_passages(play_texts, store)
     random.Random(0).shuffle(pairs)
-    result = store.search([line for line, _ in pairs[:150]], 10)
+    result = store.search([line for line, _ in pairs[:150]], 10, encoder=query_encoder(store.manifest))
     assert all(len(set(found)) == 10 for found in result.rows.tolist())  # rows, not windows
     assert np.all(np.diff(result.scores, axis=1) <= 0)
     hits = np.mean([row in found for (_, row), found in zip(pairs, result.rows.tolist(), strict=False)])

@@ -1,0 +1,183 @@
+"""Store locations and their key-value stores: paths, reads, writes, compare-and-swap, JSON, listing.
+
+Every file of a store (arrays, JSON, Parquet, index files) goes through a TensorStore kvstore, so a local
+directory and ``gs://bucket/prefix`` behave the same.  Each helper turns a failure into a :class:`StoreError`
+that names the key and the store, and for writes says what to do (disk full, read-only, no permission).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import datetime, timezone
+
+import tensorstore as ts
+
+from premem.storage.errors import StoreError, one_line
+
+
+def normalize_path(path: str | os.PathLike) -> str:
+    """Canonical form of a store location: ``gs://bucket/prefix`` / ``s3://...`` or an absolute local path."""
+    p = os.fspath(path)
+    if not isinstance(p, str):
+        p = p.decode()
+    if p.startswith("file://"):
+        p = p[len("file://"):]
+    m = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$", p)
+    if m:
+        scheme, rest = m.group(1).lower(), m.group(2)
+        if scheme not in ("gs", "s3"):
+            raise StoreError(f"unsupported store location {p!r}: use a local path or gs://bucket/prefix")
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise StoreError(f"store location {p!r} names no bucket: use {scheme}://bucket/prefix")
+        prefix = prefix.strip("/")
+        return f"{scheme}://{bucket}/{prefix}" if prefix else f"{scheme}://{bucket}"
+    if not p:
+        raise StoreError("empty store path: pass a directory or gs://bucket/prefix")
+    return os.path.abspath(os.path.expanduser(p))
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def kvstore_spec(path: str | os.PathLike, sub: str = "") -> dict:
+    """TensorStore kvstore spec for ``path`` (local dir, ``gs://bucket/prefix``, ``s3://...``) joined with ``sub``.
+
+    ``sub`` ending in ``/`` (or empty) gives a directory-like prefix whose keys are file names.
+    """
+    p = normalize_path(path)
+    sub = sub.lstrip("/")
+    if is_local(p):
+        return {"driver": "file", "path": os.path.join(p, "") + sub}
+    scheme, rest = p.split("://", 1)
+    bucket, _, prefix = rest.partition("/")
+    key = (prefix + "/" if prefix else "") + sub
+    return {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket, "path": key}
+
+
+def check_not_a_file(path: str) -> None:
+    if is_local(path) and os.path.exists(path) and not os.path.isdir(path):
+        raise StoreError(f"{path} is a file, not a premem store directory: pass a directory (or gs:// prefix)")
+
+
+def open_kv(path: str) -> ts.KvStore:
+    try:
+        return ts.KvStore.open(kvstore_spec(path)).result()
+    except Exception as e:
+        raise StoreError(f"cannot open store location {path} ({one_line(e)})") from e
+
+
+def read(kv: ts.KvStore, key: str, path: str):
+    """The kvstore's ReadResult for ``key`` (``.state == "value"`` when it exists)."""
+    try:
+        return kv.read(key).result()
+    except Exception as e:
+        raise StoreError(f"cannot read {key} of store {path} ({one_line(e)})") from e
+
+
+def write(kv: ts.KvStore, key: str, value: bytes | None, path: str, if_equal: bytes | None = None):
+    """Write (``value=None``: delete) ``key``; with ``if_equal`` a compare-and-swap on the key's generation
+    (the result's ``generation`` is empty when another writer won)."""
+    try:
+        return kv.write(key, value, if_equal=if_equal).result()
+    except Exception as e:
+        raise StoreError(
+            f"cannot {'delete' if value is None else 'write'} {key} of store {path}{write_failure_hint(e)} "
+            f"({one_line(e)}): {write_failure_fix(e)}"
+        ) from e
+
+
+def prefix_range(prefix: str) -> ts.KvStore.KeyRange:
+    """Every key under ``prefix`` (which ends in ``/``), or exactly ``prefix`` and what extends it."""
+    return ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)) if prefix else ts.KvStore.KeyRange()
+
+
+def list_keys(kv: ts.KvStore, prefix: str, path: str) -> list[str]:
+    """Keys under ``prefix``, with the prefix stripped."""
+    try:
+        keys = kv.list(prefix_range(prefix), strip_prefix_length=len(prefix)).result()
+    except Exception as e:
+        raise StoreError(f"store {path}: cannot list {prefix or 'its files'} ({one_line(e)})") from e
+    return [k.decode(errors="replace") for k in keys]
+
+
+def delete_prefix(kv: ts.KvStore, prefix: str, path: str) -> None:
+    try:
+        kv.delete_range(prefix_range(prefix)).result()
+    except Exception as e:
+        raise StoreError(f"store {path}: cannot delete {prefix} ({one_line(e)}): {write_failure_fix(e)}") from e
+
+
+def dump_json(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
+def parse_json(raw: bytes, where: str) -> dict:
+    try:
+        obj = json.loads(raw)
+    except Exception as e:
+        raise StoreError(f"{where} is not valid JSON ({one_line(e)}): the store is damaged") from e
+    if not isinstance(obj, dict):
+        raise StoreError(f"{where} is not a JSON object: the store is damaged")
+    return obj
+
+
+def read_json(kv: ts.KvStore, key: str, path: str) -> dict | None:
+    """The JSON object at ``key``, or None when it does not exist."""
+    res = read(kv, key, path)
+    return parse_json(res.value, f"{path}/{key}") if res.state == "value" else None
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def is_corruption(e: BaseException) -> bool:
+    """TensorStore errors of stored bytes that fail their checksum / do not decode."""
+    msg = str(e)
+    return any(k in msg for k in ("DATA_LOSS", "Digest mismatch", "FAILED_PRECONDITION", "corrupt", "Corrupt"))
+
+
+def dir_bytes(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# OS errors TensorStore reports on a failed write, and what they mean to the user.
+_WRITE_FAILURES = (
+    (("No space left", "ENOSPC", "os error 28", "OS error 28", "[28]"), ": the disk is full", "free space on the disk"),
+    (("File too large", "EFBIG", "OS error 27", "[27]"), ": a file grew past the file size limit", "raise the file size limit"),
+    (("Disk quota", "EDQUOT", "OS error 122"), ": the disk quota is exhausted", "free quota"),
+    (("Read-only file system", "EROFS", "OS error 30"), ": the destination is read-only", "pass a writable --store"),
+    (("Permission denied", "EACCES", "PERMISSION_DENIED", "OS error 13"), ": permission denied",
+     "pass a --store this user may write"),
+)
+
+
+def _write_failure(e: BaseException) -> tuple[str, str] | None:
+    msg = str(e)
+    for needles, hint, fix in _WRITE_FAILURES:
+        if any(n in msg for n in needles):
+            return hint, fix
+    return None
+
+
+def write_failure_hint(e: BaseException) -> str:
+    """': the disk is full' and the like for a failed write, or ''."""
+    found = _write_failure(e)
+    return found[0] if found else ""
+
+
+def write_failure_fix(e: BaseException) -> str:
+    """What to do about a failed write."""
+    found = _write_failure(e)
+    return found[1] if found else "check the destination"
