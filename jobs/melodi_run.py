@@ -7,8 +7,9 @@ from collections.abc import Callable
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from premem.jobs.run import JobError, pipeline_options
+from premem.jobs.run import pipeline_options
 from premem.pipeline.read import Document, FieldNames, ReadDocumentsFn, Reject, expand_inputs
+from premem.storage.errors import PrememError
 
 
 def load_documents(inputs: list[str], fields: FieldNames | None = None,
@@ -45,10 +46,10 @@ def run_train_melodi(inputs: list[str], out_dir: str, config, train_config, *, h
 
     docs, rejects = load_documents(inputs, fields)
     if len(docs) <= heldout:
-        raise JobError(f"{len(docs)} usable documents ({len(rejects)} rejected) for --heldout {heldout}: "
+        raise PrememError(f"{len(docs)} usable documents ({len(rejects)} rejected) for --heldout {heldout}: "
                        f"give more documents or lower --heldout")
     if config.vocab_size < ByteTokenizer().vocab_size:
-        raise JobError(f"vocab_size {config.vocab_size} is below the byte tokenizer's 257: set vocab_size >= 257")
+        raise PrememError(f"vocab_size {config.vocab_size} is below the byte tokenizer's 257: set vocab_size >= 257")
     tok = ByteTokenizer()
     tokens = [tok.encode_tensor(d.text) for d in docs]
     split = len(docs) - heldout
@@ -86,11 +87,11 @@ def _run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_p
     from premem.storage.longterm import LongTermStore
 
     if docs_per_shard < 1 or docs_per_batch < 1:
-        raise JobError("--docs-per-shard and --docs-per-batch must be >= 1")
+        raise PrememError("--docs-per-shard and --docs-per-batch must be >= 1")
     files = expand_inputs(inputs)
     loaded = load_checkpoint(checkpoint)
     if not loaded.model.config.long_term_enabled:
-        raise JobError(f"checkpoint {checkpoint} has no long-term memory (use_long_term=False or L=0): "
+        raise PrememError(f"checkpoint {checkpoint} has no long-term memory (use_long_term=False or L=0): "
                        f"nothing to compress")
     cfg = CompressConfig(checkpoint=checkpoint, fingerprint=loaded.fingerprint, docs_per_shard=docs_per_shard,
                          docs_per_batch=docs_per_batch, end_state=end_state, device=device, lease_token=lease_token)

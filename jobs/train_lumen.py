@@ -20,11 +20,8 @@ import torch
 
 from premem.models.lumen import LumenModel
 from premem.storage import MemoryStore
+from premem.storage.errors import InputError
 from premem.storage.reader import LumenDataset, Prefetcher, make_loader
-
-
-class TrainError(ValueError):
-    """A training setting that cannot work; the message says what to change."""
 
 
 @dataclasses.dataclass
@@ -68,13 +65,13 @@ def train_lumen(config: TrainConfig, progress: Callable[[dict], None] | None = N
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if config.device == "auto" else config.device)
     if config.steps < 1 or config.batch_size < 1:
-        raise TrainError(f"--steps ({config.steps}) and --batch-size ({config.batch_size}) must be at least 1")
+        raise InputError(f"--steps ({config.steps}) and --batch-size ({config.batch_size}) must be at least 1")
     store = MemoryStore.open(config.store)
     memory_layers = config.memory_layers
     if memory_layers is None:
         memory_layers = int(store.encoder.get("memory_layers", 0))
     if memory_layers < 1:
-        raise TrainError("LUMEN reads stored memory of K >= 1 frozen layers (α = 1 is FiD, which reads passages as "
+        raise InputError("LUMEN reads stored memory of K >= 1 frozen layers (α = 1 is FiD, which reads passages as "
                          "text): encode the store with --memory-layers K >= 1 and pass the same K here")
     model = LumenModel.from_pretrained(config.checkpoint, memory_layers=memory_layers,
                                        template=store.encoder.get("template") or "title: {title} context: {text}")
@@ -104,7 +101,7 @@ def train_lumen(config: TrainConfig, progress: Callable[[dict], None] | None = N
         loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed + epoch,
                              num_workers=config.num_workers, pin_memory=device.type == "cuda", drop_last=True)
         if len(loader) == 0:
-            raise TrainError(f"{len(train_set)} training questions make no full batch of {config.batch_size}: "
+            raise InputError(f"{len(train_set)} training questions make no full batch of {config.batch_size}: "
                              "lower --batch-size")
         batches = Prefetcher(loader, device=device, depth=config.prefetch)
         for batch in batches:

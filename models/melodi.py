@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from premem.storage.errors import InputError
+
 __all__ = [
     "MemoryAccount",
     "MelodiConfig",
@@ -78,13 +80,13 @@ class MelodiConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
-            raise ValueError(f"d_model {self.d_model} is not a multiple of num_heads {self.num_heads}")
+            raise InputError(f"d_model {self.d_model} is not a multiple of num_heads {self.num_heads}")
         if not 0 <= self.long_term_layer < self.num_layers:
-            raise ValueError(f"long_term_layer {self.long_term_layer} outside [0, {self.num_layers})")
+            raise InputError(f"long_term_layer {self.long_term_layer} outside [0, {self.num_layers})")
         if min(self.W, self.Su) < 1 or min(self.S, self.L, self.Q_max) < 0:
-            raise ValueError("need W >= 1, Su >= 1 and S, L, Q_max >= 0")
+            raise InputError("need W >= 1, Su >= 1 and S, L, Q_max >= 0")
         if not self.use_branching and self.S not in (0, self.Su):
-            raise ValueError(f"use_branching=False passes u' on as z, so it needs S == Su (S={self.S}, Su={self.Su})")
+            raise InputError(f"use_branching=False passes u' on as z, so it needs S == Su (S={self.S}, Su={self.Su})")
 
     @property
     def head_dim(self) -> int:
@@ -146,7 +148,7 @@ class MelodiConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown MelodiConfig keys: {sorted(unknown)}")
+            raise InputError(f"unknown MelodiConfig keys: {sorted(unknown)}")
         return cls(**data)
 
     def memory_accounting(self) -> MemoryAccount:
@@ -205,7 +207,7 @@ def memory_accounting(
         return MemoryAccount(num_layers * S * d_model, Q_max * L * 2 * d_model)
     if arch == "melodi-short":
         return MemoryAccount(num_layers * S * d_model, 0)
-    raise ValueError(f"unknown arch {arch!r}")
+    raise InputError(f"unknown arch {arch!r}")
 
 
 # -------------------------------------------------------------------------------------------------- state

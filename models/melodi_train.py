@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import CheckpointError
+from premem.storage.errors import CheckpointError, InputError
+
 from .melodi import MelodiConfig, MelodiLM, MelodiState
 from .melodi_ckpt import CONFIG_FILE, ByteTokenizer, load_checkpoint, save_checkpoint
 
@@ -55,11 +56,11 @@ class TrainConfig:
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.segment_windows < 1:
-            raise ValueError("steps, batch_size and segment_windows must be >= 1")
+            raise InputError("steps, batch_size and segment_windows must be >= 1")
         if self.optimizer not in ("adamw", "adafactor"):
-            raise ValueError(f"optimizer {self.optimizer!r}: use adamw or adafactor")
+            raise InputError(f"optimizer {self.optimizer!r}: use adamw or adafactor")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise InputError(f"lr must be > 0, got {self.lr}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -81,7 +82,7 @@ class BookStreams:
     def __post_init__(self) -> None:
         self.docs = [d for d in self.docs if len(d) >= 2]
         if not self.docs:
-            raise ValueError("no training document has 2 or more tokens")
+            raise InputError("no training document has 2 or more tokens")
         if not self.rows:
             self.rows = [[-1, 0] for _ in range(self.batch_size)]
 
@@ -140,7 +141,7 @@ def evaluate(
     model.eval()
     docs = [d[: tokens_per_doc + 1] for d in docs if len(d) >= 2]
     if not docs:
-        raise ValueError("no held-out document has 2 or more tokens")
+        raise InputError("no held-out document has 2 or more tokens")
     T = segment_windows * c.W
     longest = max(len(d) - 1 for d in docs)
     n_seg = -(-longest // T)

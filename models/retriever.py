@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from premem.storage.errors import CheckpointError, FingerprintMismatch, RetrievalError
+from premem.storage.errors import CheckpointError, FingerprintMismatch, InputError, RetrievalError
+from premem.storage.tensors import pad_sequences
 
 from .checkpoint import resolve_checkpoint
 from .encoder import MemoryEncoder, _load_encoder, _load_tokenizer, token_budget_batches, tokenizer_fingerprint
@@ -104,21 +105,16 @@ def masked_pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch
 def _check_texts(texts: list[str], what: str) -> None:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ValueError(f"{what} {i} is a {type(text).__name__}, not a string: pass texts")
+            raise InputError(f"{what} {i} is a {type(text).__name__}, not a string: pass texts")
         if not text.strip():
-            raise ValueError(f"{what} {i} is empty: every {what} needs some text to encode")
+            raise InputError(f"{what} {i} is empty: every {what} needs some text to encode")
 
 
 def _padded_batches(ids: list[list[int]], pad: int, batch_tokens: int):
     """(indices, padded ids [b, T], 0/1 mask [b, T]) per length-sorted batch of the token id lists."""
     for batch in token_budget_batches([len(i) for i in ids], batch_tokens):
-        longest = max(len(ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for j, i in enumerate(batch.tolist()):
-            input_ids[j, :len(ids[i])] = torch.as_tensor(ids[i])
-            mask[j, :len(ids[i])] = 1
-        yield batch, input_ids, mask
+        input_ids, mask = pad_sequences([ids[i] for i in batch.tolist()], pad)
+        yield batch, input_ids, mask.long()
 
 
 class TextEmbedder:

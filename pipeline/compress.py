@@ -14,7 +14,10 @@ import torch
 from apache_beam.utils.shared import Shared
 
 from premem.models.melodi import MelodiLM, MelodiState
+from premem.models.melodi_ckpt import load_checkpoint
 from premem.pipeline.read import Document, DropDuplicateIds, FieldNames, ReadDocuments
+from premem.storage.errors import CheckpointError
+from premem.storage.longterm import LongTermStore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +91,6 @@ class WritePlanFn(beam.DoFn):
         self.docs_per_shard = docs_per_shard
 
     def process(self, keys: list):
-        from premem.storage.longterm import LongTermStore
-
         shards = plan_shards([tuple(k) for k in keys], self.docs_per_shard)
         LongTermStore.open(self.store_path, read_only=False).write_plan(shards)
         yield {doc_id: s for s, ids in enumerate(shards) for doc_id in ids}
@@ -109,14 +110,11 @@ class CompressShardFn(beam.DoFn):
         self.skipped = beam.metrics.Metrics.counter("premem", "shards_skipped")
 
     def setup(self):
-        from premem.models.melodi_ckpt import load_checkpoint
-        from premem.storage.longterm import LongTermStore
-
         cfg = self.config
         self.loaded = self._shared.acquire(lambda: _Loaded(load_checkpoint(cfg.checkpoint, cfg.device)),
                                            tag=cfg.fingerprint + cfg.device).loaded
         if self.loaded.fingerprint != cfg.fingerprint:
-            raise RuntimeError(f"worker loaded checkpoint {self.loaded.fingerprint[:12]} but the store expects "
+            raise CheckpointError(f"worker loaded checkpoint {self.loaded.fingerprint[:12]} but the store expects "
                                f"{cfg.fingerprint[:12]}: the checkpoint at {cfg.checkpoint} changed during the job")
         self.store = LongTermStore.open(self.store_path, expected_fingerprint=cfg.fingerprint, read_only=False,
                                         lease_token=cfg.lease_token)

@@ -17,7 +17,8 @@ from premem.models.retriever import RetrieverConfig, memory_mean
 from premem.pipeline.shard import read_shard
 from premem.storage import MemoryStore
 from premem.storage.embeddings import embeddings_committed, vectors_per_row, write_shard_embeddings
-from premem.storage.errors import InputError
+from premem.storage.errors import CheckpointError, InputError
+from premem.storage.tensors import pad_sequences
 
 FAILED = "failed"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,16 +69,6 @@ class EncoderConfig:
         )
 
 
-def pad_batch(token_ids: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(ids) for ids in token_ids)
-    input_ids = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), longest), dtype=torch.bool)
-    for i, ids in enumerate(token_ids):
-        input_ids[i, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-        mask[i, :len(ids)] = True
-    return input_ids, mask
-
-
 class _Loaded:
     """Weak-referenceable holder so Beam's Shared keeps one model per worker process."""
 
@@ -101,7 +92,7 @@ class ShardEmbedder:
         self.batch_rows = batch_rows
         self.text = None if config.is_memory_mean else config.load_text_embedder(device)
         if self.text is not None and self.text.fingerprint != fingerprint:
-            raise RuntimeError(f"worker loaded retriever {self.text.fingerprint[:12]} but the store expects "
+            raise CheckpointError(f"worker loaded retriever {self.text.fingerprint[:12]} but the store expects "
                                f"{fingerprint[:12]}: the checkpoint at {config.name} changed during the job")
         self._collected: dict[int, np.ndarray] = {}
         self.per_row = 1
@@ -180,7 +171,7 @@ class EncodeShardFn(beam.DoFn):
     def setup(self):
         self.encoder = self._shared.acquire(lambda: _Loaded(self.config.load()), tag=self.fingerprint).encoder
         if self.encoder.fingerprint != self.fingerprint:
-            raise RuntimeError(f"worker loaded encoder {self.encoder.fingerprint[:12]} but the store expects "
+            raise CheckpointError(f"worker loaded encoder {self.encoder.fingerprint[:12]} but the store expects "
                                f"{self.fingerprint[:12]}: the checkpoint at {self.config.checkpoint} changed during the job")
         self.store = MemoryStore.open(self.store_path, expected_fingerprint=self.fingerprint, read_only=False,
                                       lease_token=self.lease_token)
@@ -220,7 +211,7 @@ class EncodeShardFn(beam.DoFn):
         self.store.write_metadata(shard, table.drop_columns(["token_ids"]))
         with self.store.shard_writer(shard) as writer, torch.inference_mode():
             for batch in token_budget_batches(lengths, self.config.tokens_per_batch):
-                input_ids, mask = pad_batch([token_ids[i] for i in batch], self.pad_id)
+                input_ids, mask = pad_sequences([token_ids[i] for i in batch], self.pad_id)
                 states = self.encoder(input_ids.to(device), mask.to(device))
                 writer.write(rows[batch], states.cpu(), lengths[batch])
                 if embed:

@@ -30,6 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from premem.storage.errors import ReaderError
 from premem.storage.neighbors import Neighbors, read_neighbors
 from premem.storage.store import MemoryStore
+from premem.storage.tensors import pad_sequences
 
 LABEL_PAD = -100  # ignored by the cross-entropy of Hugging Face seq2seq models
 
@@ -131,16 +132,6 @@ class LumenBatch:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in vars(self).values() if t is not None)
-
-
-def _pad(sequences: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max((len(s) for s in sequences), default=0)
-    ids = torch.full((len(sequences), longest), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.bool)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, :len(s)] = True
-    return ids, mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,10 +269,10 @@ class LumenDataset(Dataset):
         self._check_process()
         index = np.asarray(list(indices), dtype=np.int64)
         rows = self.rows[index]  # [B, k]
-        question_ids, question_mask = _pad([self.question_tokens[i] for i in index], 0)
+        question_ids, question_mask = pad_sequences([self.question_tokens[i] for i in index], 0)
         labels = None
         if self.label_tokens is not None:
-            labels, _ = _pad([self.label_tokens[i] for i in index], LABEL_PAD)
+            labels, _ = pad_sequences([self.label_tokens[i] for i in index], LABEL_PAD)
         b, k = rows.shape
         if k == 0:
             memory = torch.zeros((b, 0, 0, self.store.d_model), dtype=self.store.torch_dtype)
@@ -299,10 +290,10 @@ def collate_lumen(items: LumenBatch | Sequence[dict[str, Any]]) -> LumenBatch:
     if isinstance(items, LumenBatch):
         return items
     items = list(items)
-    question_ids, question_mask = _pad([it["question_ids"] for it in items], 0)
+    question_ids, question_mask = pad_sequences([it["question_ids"] for it in items], 0)
     labels = None
     if items[0]["label_ids"] is not None:
-        labels, _ = _pad([it["label_ids"] for it in items], LABEL_PAD)
+        labels, _ = pad_sequences([it["label_ids"] for it in items], LABEL_PAD)
     rows = torch.stack([it["rows"] for it in items])
     b, k = rows.shape
     if items[0]["memory"] is None:

@@ -1,7 +1,11 @@
-"""Store dtypes and the conversions between numpy (incl. ml_dtypes.bfloat16), torch and row-id arguments."""
+"""Store dtypes, conversions between numpy (incl. ml_dtypes.bfloat16), torch and row-id arguments, and padding.
+
+A leaf (torch, numpy and premem.storage.errors only): every layer, models included, may use it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import ml_dtypes
@@ -76,3 +80,14 @@ def np_to_torch(arr: np.ndarray) -> torch.Tensor:
     if arr.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(arr)
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids int64 [B, longest] padded with ``value``, mask bool [B, longest], True on real ids)."""
+    longest = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), longest), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, :len(s)] = True
+    return ids, mask

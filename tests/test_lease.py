@@ -161,8 +161,8 @@ def test_two_concurrent_encode_jobs(tmp_path):
 
 
 def test_index_and_compress_jobs_take_the_lease_first(tmp_path):
-    from premem.jobs.melodi_run import run_compress
     from premem.jobs.index import build_index
+    from premem.jobs.melodi_run import run_compress
 
     store = tmp_path / "s"
     with StoreLease(store, job="premem encode"):

@@ -10,8 +10,8 @@ from transformers import T5ForConditionalGeneration
 
 from premem.models import CheckpointError
 from premem.models.lumen import LumenModel, memory_layers_for
-from premem.pipeline.encode import pad_batch
 from premem.storage import FingerprintMismatch, MemoryStore
+from premem.storage.tensors import pad_sequences as pad_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
