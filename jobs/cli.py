@@ -31,7 +31,7 @@ def main() -> None:
     """premem: pre-encode text corpora into stored memory for LUMEN and MELODI.
 
     The commands in the order data flows: shard -> encode -> index -> retrieve / search -> train-lumen;
-    compress -> train-melodi for MELODI; info and verify on any store.
+    train-melodi -> compress for MELODI; info and verify on any store.
     """
     quiet_beam()
 

@@ -12,7 +12,7 @@ import time
 import click
 
 # Commands in the order data flows through them (`premem --help` lists them so); others follow, sorted.
-PIPELINE_ORDER = ("shard", "encode", "index", "retrieve", "search", "train-lumen", "compress", "train-melodi", "info",
+PIPELINE_ORDER = ("shard", "encode", "index", "retrieve", "search", "train-lumen", "train-melodi", "compress", "info",
                   "verify", "demo", "lumen-demo")
 
 # The passage template's default, for help texts without importing premem.models (torch); the commands pass
