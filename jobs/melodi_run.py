@@ -8,7 +8,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from premem.jobs.run import pipeline_options
-from premem.pipeline.read import Document, FieldNames, ReadDocumentsFn, Reject, expand_inputs
+from premem.pipeline.read import Document, FieldNames, ReadDocumentsFn, Reject, expand_inputs, keep_first
 from premem.storage.errors import PrememError
 
 
@@ -19,22 +19,16 @@ def load_documents(inputs: list[str], fields: FieldNames | None = None,
     Returns the documents in input order (first of each id kept) and the rejects with their reasons.
     """
     reader = ReadDocumentsFn(fields or FieldNames(), max_doc_chars)
-    docs: list[Document] = []
+    read: list[Document] = []
     rejects: list[Reject] = []
-    seen: dict[str, Document] = {}
     for i, path in enumerate(expand_inputs(inputs)):
         for out in reader.process((i, path)):
             if isinstance(out, Document):
-                if out.doc_id in seen:
-                    first = seen[out.doc_id]
-                    rejects.append(Reject(out.source, out.position, f"duplicate id {out.doc_id!r} "
-                                          f"(first seen at {first.source}:{first.position})"))
-                    continue
-                seen[out.doc_id] = out
-                docs.append(out)
+                read.append(out)
             else:
                 rejects.append(out.value)
-    return docs, rejects
+    docs, duplicates = keep_first(read)  # the dedupe rule of `premem shard` / `premem compress`
+    return docs, rejects + duplicates
 
 
 def run_train_melodi(inputs: list[str], out_dir: str, config, train_config, *, heldout: int = 2,

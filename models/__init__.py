@@ -8,6 +8,7 @@ from .encoder import (
     load_full_encoder,
     load_live_layers,
     load_tokenizer,
+    resolve_memory_layers,
     tokenizer_fingerprint,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "load_live_layers",
     "load_tokenizer",
     "resolve_checkpoint",
+    "resolve_memory_layers",
     "tokenizer_fingerprint",
 ]

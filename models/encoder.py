@@ -78,7 +78,7 @@ def load_live_layers(
     """
     model, arch = _load_encoder(resolve_checkpoint(path))
     layers = _encoder_layers(model)
-    k = _check_memory_layers(memory_layers, len(layers))
+    k = resolve_memory_layers(memory_layers, None, len(layers))
     if arch == "t5":
         stack = _LayerStack(layers[k:], _T5PositionBias(layers[0].layer[0].SelfAttention))
         final_norm: nn.Module = nn.Sequential(model.encoder.final_layer_norm, model.encoder.dropout)
@@ -140,7 +140,7 @@ class MemoryEncoder(nn.Module):
         tokenizer = _load_tokenizer(local)
         model, arch = _load_encoder(local)
         layers = _encoder_layers(model)
-        k = _resolve_memory_layers(memory_layers, live_fraction, len(layers))
+        k = resolve_memory_layers(memory_layers, live_fraction, len(layers))
         tokenizer_hash = tokenizer_fingerprint(tokenizer)
         # Hashed before trimming and casting, so it sees the checkpoint's own fp32 values.
         fingerprint = _fingerprint(model, arch, k, tokenizer_hash, template)
@@ -341,32 +341,42 @@ def _encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return model.encoder.block if isinstance(model, T5EncoderModel) else model.encoder.layer
 
 
-def _resolve_memory_layers(memory_layers: int | None, live_fraction: float | None, num_layers: int) -> int:
+def resolve_memory_layers(
+    memory_layers: int | None, live_fraction: float | None, num_layers: int, *, min_layers: int = 1
+) -> int:
+    """K, the frozen layers [0, K) whose output is stored, from exactly one of K or the live fraction α.
+
+    The one rule: K = round((1 - α) · L) for α in [0, 1], and K must lie in ``min_layers..L``.  α = 1 means
+    K = 0 (no memory layer, all layers live: FiD); only a caller that runs without stored memory accepts it
+    (LUMEN's live side, ``min_layers=0``).  A memory encoder needs K >= 1 (the default), so for it α ranges
+    over [0, 1) and an α that rounds K down to 0 on a shallow encoder is refused as leaving no memory layer.
+    Raises CheckpointError with the option names of `premem encode` / `premem train-lumen`.
+    """
     if (memory_layers is None) == (live_fraction is None):
         raise CheckpointError(
             "pass exactly one of --memory-layers (K, layers run once and stored) "
             "or --live-fraction (α, share of layers left live)"
         )
     if memory_layers is not None:
-        return _check_memory_layers(memory_layers, num_layers)
-    if not 0 <= live_fraction < 1:
-        raise CheckpointError(f"--live-fraction {live_fraction} is out of range: pick a value in [0, 1)")
-    k = round((1 - live_fraction) * num_layers)
-    if k < 1:
+        if isinstance(memory_layers, bool) or not 0 <= min_layers <= memory_layers <= num_layers:
+            raise CheckpointError(
+                f"--memory-layers {memory_layers} is out of range for this {num_layers}-layer encoder: "
+                f"pick {min_layers}..{num_layers}"
+            )
+        return int(memory_layers)
+    alpha = float(live_fraction)
+    top_open = min_layers > 0  # α = 1 gives K = 0, which only a caller without a memory encoder accepts
+    if not (0.0 <= alpha < 1.0 if top_open else 0.0 <= alpha <= 1.0):
+        raise CheckpointError(
+            f"--live-fraction {live_fraction} is out of range: pick a value in [0, 1{')' if top_open else ']'}"
+        )
+    k = round((1.0 - alpha) * num_layers)
+    if k < min_layers:
         raise CheckpointError(
             f"--live-fraction {live_fraction} leaves no memory layer of this {num_layers}-layer encoder: "
             "pick a smaller fraction"
         )
     return k
-
-
-def _check_memory_layers(memory_layers: int, num_layers: int) -> int:
-    if not 1 <= memory_layers <= num_layers:
-        raise CheckpointError(
-            f"--memory-layers {memory_layers} is out of range for this {num_layers}-layer encoder: "
-            f"pick 1..{num_layers}"
-        )
-    return memory_layers
 
 
 def _check_template(template: str) -> None:

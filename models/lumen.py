@@ -32,16 +32,21 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .checkpoint import CheckpointError, one_line, resolve_checkpoint
-from .encoder import DEFAULT_TEMPLATE, MemoryEncoder, _LayerStack, _load_tokenizer, _quiet_loading
+from .encoder import (
+    DEFAULT_TEMPLATE,
+    MemoryEncoder,
+    _LayerStack,
+    _load_tokenizer,
+    _quiet_loading,
+    resolve_memory_layers,
+)
 
 DEFAULT_QUESTION_TEMPLATE = "question: {question}"
 
 
 def memory_layers_for(live_fraction: float, num_layers: int) -> int:
-    """K = round((1 - α) · L): the frozen layers whose output is stored, for live fraction α in [0, 1]."""
-    if not 0.0 <= float(live_fraction) <= 1.0:
-        raise CheckpointError(f"--live-fraction {live_fraction} is out of range: pick a value in [0, 1]")
-    return round((1.0 - float(live_fraction)) * num_layers)
+    """K = round((1 - α) · L) for live fraction α in [0, 1] (α = 1: K = 0, FiD); see `resolve_memory_layers`."""
+    return resolve_memory_layers(None, live_fraction, num_layers, min_layers=0)
 
 
 class _SharedT5Bias:
@@ -85,11 +90,7 @@ class LumenModel(nn.Module):
     ) -> None:
         super().__init__()
         blocks = t5.encoder.block
-        if not 0 <= memory_layers <= len(blocks):
-            raise CheckpointError(
-                f"--memory-layers {memory_layers} is out of range for this {len(blocks)}-layer encoder: "
-                f"pick 0..{len(blocks)}"
-            )
+        memory_layers = resolve_memory_layers(memory_layers, None, len(blocks), min_layers=0)
         self.t5 = t5
         self.num_layers = len(blocks)
         self.memory_layers = memory_layers
@@ -120,15 +121,15 @@ class LumenModel(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> LumenModel:
         """Load a T5ForConditionalGeneration checkpoint; give one of `live_fraction` (α) or `memory_layers` (K)."""
-        if (live_fraction is None) == (memory_layers is None):
-            raise CheckpointError("pass exactly one of --live-fraction (α) or --memory-layers (K)")
+        if (live_fraction is None) == (memory_layers is None):  # fails before loading; same rule and message
+            resolve_memory_layers(memory_layers, live_fraction, 0, min_layers=0)
         if "{question}" not in question_template:
             raise CheckpointError(f"question template {question_template!r} lacks {{question}}: add it")
         local = resolve_checkpoint(path)
         tokenizer = _load_tokenizer(local)
         t5 = _load_t5(local)
         layers = len(t5.encoder.block)
-        k = memory_layers if memory_layers is not None else memory_layers_for(live_fraction, layers)
+        k = resolve_memory_layers(memory_layers, live_fraction, layers, min_layers=0)
         model = cls(t5, memory_layers=k, tokenizer=tokenizer, checkpoint=str(path), template=template,
                     question_template=question_template)
         return model.to(dtype=dtype)

@@ -15,7 +15,7 @@ from apache_beam.utils.shared import Shared
 
 from premem.models.melodi import MelodiLM, MelodiState
 from premem.models.melodi_ckpt import load_checkpoint
-from premem.pipeline.read import Document, DropDuplicateIds, FieldNames, ReadDocuments
+from premem.pipeline.read import Document, FieldNames, ReadCorpus
 from premem.storage.errors import CheckpointError
 from premem.storage.longterm import LongTermStore
 
@@ -153,11 +153,7 @@ class CompressDocuments(beam.PTransform):
         self.rejects_path, self.fields, self.max_doc_chars = rejects_path, fields or FieldNames(), max_doc_chars
 
     def expand(self, pbegin):
-        docs, rejects = pbegin | "Read" >> ReadDocuments(self.files, self.fields, self.max_doc_chars)
-        docs, duplicates = docs | "Dedup" >> DropDuplicateIds()
-        _ = ((rejects, duplicates) | "AllRejects" >> beam.Flatten()
-             | "RejectJson" >> beam.Map(lambda r: r.to_json())
-             | "WriteRejects" >> beam.io.WriteToText(self.rejects_path, shard_name_template="", num_shards=1))
+        docs, _ = pbegin | "Read" >> ReadCorpus(self.files, self.fields, self.max_doc_chars, self.rejects_path)
         plan = (docs
                 | "Keys" >> beam.Map(lambda d: (d.file_index, d.position, d.doc_id))
                 | "AllKeys" >> beam.combiners.ToList()

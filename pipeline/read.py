@@ -1,10 +1,21 @@
-"""Reading corpus files (JSONL, Parquet, plain text) into validated documents.
+"""Reading corpus files (JSONL, Parquet, TSV, plain text) into validated documents.
 
 Every input record ends up either as a `Document` or as a `Reject` with its
 reason: nothing is dropped silently and no bad record stops a job.
+
+`ReadCorpus` is the whole read step of `premem shard` and `premem compress`:
+read, keep the first document of each id, write every reject to rejects.jsonl.
+Driver-side readers (MELODI training) use `ReadDocumentsFn` and `keep_first`,
+the same per-file reader and dedupe rule.
+
+TSV is DPR's passage format (psgs_w100.tsv): a header line naming the columns
+(``id\ttext\ttitle``; the id/title/text field names pick them), then one
+record per line, fields separated by tabs and quoted CSV-style (``"``, inner
+quotes doubled); a field may not span lines.  An empty id cell counts as absent.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -15,10 +26,16 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from premem.storage.errors import InputError
+
+__all__ = ["REJECTS", "Document", "DropDuplicateIds", "FieldNames", "InputError", "ReadCorpus", "ReadDocuments",
+           "ReadDocumentsFn", "Reject", "expand_inputs", "keep_first"]
+
 REJECTS = "rejects"
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".json", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".txt.gz")
+TSV_SUFFIXES = (".tsv", ".tsv.gz")
 EXCERPT_CHARS = 300
 
 
@@ -50,10 +67,6 @@ class Reject:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
-
-
-class InputError(ValueError):
-    """A user error in the list of inputs (nothing matches, unknown format)."""
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -92,6 +105,8 @@ def _format_of(path: str) -> str | None:
         return "parquet"
     if lower.endswith(TEXT_SUFFIXES):
         return "txt"
+    if lower.endswith(TSV_SUFFIXES):
+        return "tsv"
     return None
 
 
@@ -112,7 +127,8 @@ class ReadDocumentsFn(beam.DoFn):
         file_index, path = element
         fmt = _format_of(path)
         if fmt is None:
-            yield self._reject(path, 0, "unsupported file type: use .jsonl, .parquet or .txt")
+            yield self._reject(path, 0, "unsupported file type: use .jsonl, .parquet or .txt "
+                                        "(or .tsv with a header line, like DPR's psgs_w100.tsv)")
             return
         try:
             yield from getattr(self, f"_read_{fmt}")(file_index, path)
@@ -153,6 +169,56 @@ class ReadDocumentsFn(beam.DoFn):
                 for record in batch.to_pylist():
                     position += 1
                     yield self._validate(file_index, path, position, record, record)
+
+    def _read_tsv(self, file_index: int, path: str) -> Iterator:
+        csv.field_size_limit(max(csv.field_size_limit(), self.max_doc_chars + 1))  # longer: rejected as too long
+        with FileSystems.open(path) as handle:
+            lines = enumerate(iter(handle.readline, b""), start=1)
+            header = None
+            for line_no, raw in lines:
+                if raw.strip():
+                    header, reason = self._tsv_header(raw)
+                    if reason:
+                        yield self._reject(path, line_no, reason, raw.decode("utf-8", "replace"))
+                        return
+                    break
+            if header is None:
+                return  # an empty file holds no records
+            for line_no, raw in lines:
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield self._reject(path, line_no, f"not valid UTF-8 (byte {err.start})",
+                                       raw.decode("utf-8", "replace"))
+                    continue
+                line = line.rstrip("\r\n")
+                try:
+                    values = next(csv.reader([line], delimiter="\t", strict=True))
+                except csv.Error as err:
+                    yield self._reject(path, line_no, f"bad tsv quoting: {err}", line)
+                    continue
+                if len(values) != len(header):
+                    yield self._reject(path, line_no, f"wrong number of tsv columns: {len(values)}, expected "
+                                       f"{len(header)} ({', '.join(header)})", line)
+                    continue
+                record = dict(zip(header, values, strict=True))
+                if record.get(self.fields.id) == "":
+                    del record[self.fields.id]  # an empty id cell: the id is made from file and line
+                yield self._validate(file_index, path, line_no, record, line)
+
+    def _tsv_header(self, raw: bytes) -> tuple[list[str], str]:
+        """The column names of a tsv header line, or the reason the file cannot be read."""
+        try:
+            header = next(csv.reader([raw.decode("utf-8-sig").rstrip("\r\n")], delimiter="\t", strict=True))
+        except (UnicodeDecodeError, csv.Error) as err:
+            return [], f"bad tsv header line: {err}"
+        if self.fields.text not in header:
+            return header, (f"tsv header names no text column: {self.fields.text!r} is not among "
+                            f"{', '.join(header)}; the first line must name the columns (DPR's: id, text, title), "
+                            "or pass --text-field")
+        return header, ""
 
     def _read_txt(self, file_index: int, path: str) -> Iterator:
         with FileSystems.open(path) as handle:
@@ -214,16 +280,31 @@ class ReadDocuments(beam.PTransform):
         return results.docs, results[REJECTS]
 
 
+def keep_first(docs) -> tuple[list[Document], list[Reject]]:
+    """The one dedupe rule: of documents with the same id, the first in input order (file, position) is kept.
+
+    Returns the kept documents in input order and a Reject for every later one.  Used by the Beam dedupe step
+    (per id) and by driver-side readers (on all documents at once).
+    """
+    first: dict[str, Document] = {}
+    rejects: list[Reject] = []
+    for doc in sorted(docs, key=lambda d: (d.file_index, d.position)):
+        seen = first.get(doc.doc_id)
+        if seen is None:
+            first[doc.doc_id] = doc
+        else:
+            rejects.append(Reject(doc.source, doc.position,
+                                  f"duplicate id {doc.doc_id!r} (first seen at {seen.source}:{seen.position})",
+                                  _excerpt(doc.text)))
+    return list(first.values()), rejects
+
+
 def _first_and_duplicates(item):
-    doc_id, docs = item
-    docs = sorted(docs, key=lambda d: (d.file_index, d.position))
-    yield docs[0]
-    for dup in docs[1:]:
-        yield beam.pvalue.TaggedOutput(
-            REJECTS,
-            Reject(dup.source, dup.position, f"duplicate id {doc_id!r} (first seen at {docs[0].source}:{docs[0].position})",
-                   _excerpt(dup.text)),
-        )
+    _, docs = item
+    kept, duplicates = keep_first(docs)
+    yield from kept
+    for reject in duplicates:
+        yield beam.pvalue.TaggedOutput(REJECTS, reject)
 
 
 class DropDuplicateIds(beam.PTransform):
@@ -237,3 +318,31 @@ class DropDuplicateIds(beam.PTransform):
             | "KeepFirst" >> beam.FlatMap(_first_and_duplicates).with_outputs(REJECTS, main="docs")
         )
         return results.docs, results[REJECTS]
+
+
+class ReadCorpus(beam.PTransform):
+    """Input files -> (documents, rejects): read, keep the first document of each id, write `rejects_path`.
+
+    `rejects_path` gets every rejected record (read errors and duplicate ids) as one JSON line with its reason;
+    the rejects are also returned, e.g. to count them by reason.
+    """
+
+    def __init__(self, files: list[str], fields: FieldNames | None = None, max_doc_chars: int = 64 << 20,
+                 rejects_path: str | None = None):
+        super().__init__()
+        self.files = files
+        self.fields = fields or FieldNames()
+        self.max_doc_chars = max_doc_chars
+        self.rejects_path = rejects_path
+
+    def expand(self, pbegin):
+        docs, read_rejects = pbegin | "Read" >> ReadDocuments(self.files, self.fields, self.max_doc_chars)
+        docs, dup_rejects = docs | "Dedupe" >> DropDuplicateIds()
+        rejects = (read_rejects, dup_rejects) | "AllRejects" >> beam.Flatten()
+        if self.rejects_path is not None:
+            _ = (
+                rejects
+                | "RejectJson" >> beam.Map(Reject.to_json)
+                | "WriteRejects" >> beam.io.WriteToText(self.rejects_path, shard_name_template="", num_shards=1)
+            )
+        return docs, rejects

@@ -1,19 +1,23 @@
 """The steps of `premem retrieve`: parse questions, then encode and search them in batches.
 
-Bad lines are set aside with their reason, never dropped silently.  Workers load the store's index and its query
-encoder once; the job around it (premem.jobs.retrieve) gathers the results into one neighbours file.
+Questions come from JSONL (read line-parallel) or FiD's JSON array (read as one element), parsed by
+premem.storage.questions (the parser training uses).  Bad records are set aside with their reason, never dropped
+silently.  Workers load the store's index and its query encoder once; the job around it (premem.jobs.retrieve)
+gathers the results into one neighbours file.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.utils.shared import Shared
 
 from premem.models.retriever import query_encoder
 from premem.storage import MemoryStore
+from premem.storage.errors import InputError
+from premem.storage.questions import BadQuestion, Question, QuestionFields, parse_line, parse_questions, starts_like_array
 
 REJECTED = "rejected"
 
@@ -27,32 +31,32 @@ class RetrieveConfig:
     nprobe: int | None = None
     ef_search: int | None = None
 
+    @property
+    def fields(self) -> QuestionFields:
+        return QuestionFields(id=self.id_field, question=self.question_field, id_option="--id-field",
+                              question_option="--question-field")
+
 
 def parse_question(line: str, config: RetrieveConfig) -> dict:
-    """One JSONL line -> {"question_id", "question"}; raises ValueError with the reason for a bad line.
+    """One JSONL line -> {"question_id", "question"}; raises BadQuestion (a ValueError) with the reason.
 
-    A record without the id field gets the first 16 hex digits of sha256(question) as its id.
+    The parser of premem.storage.questions, which training uses too: a record without the id field gets the
+    first 16 hex digits of sha256(question) as its id.
     """
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from e
-    if not isinstance(record, dict):
-        raise ValueError(f"not a JSON object but a {type(record).__name__}")
-    question = record.get(config.question_field)
-    if not isinstance(question, str):
-        raise ValueError(f"no string field {config.question_field!r} (pass --question-field)")
-    if not question.strip():
-        raise ValueError(f"field {config.question_field!r} is empty")
-    qid = record.get(config.id_field)
-    if qid is None:
-        qid = hashlib.sha256(question.encode()).hexdigest()[:16]
-    elif isinstance(qid, bool) or not isinstance(qid, (str, int)):
-        raise ValueError(f"field {config.id_field!r} is a {type(qid).__name__}, not a string or integer")
-    return {"question_id": str(qid), "question": question}
+    return _as_element(parse_line(line, config.fields))
+
+
+def _as_element(question: Question) -> dict:
+    return {"question_id": question.id, "question": question.question}
+
+
+def _rejected(reason: str, text: str):
+    return beam.pvalue.TaggedOutput(REJECTED, json.dumps({"reason": reason, "line": text[:500]}))
 
 
 class ParseQuestionsFn(beam.DoFn):
+    """One JSONL line -> one question, or its line and reason on the `rejected` tag."""
+
     def __init__(self, config: RetrieveConfig):
         self.config = config
         self.parsed = beam.metrics.Metrics.counter("premem", "questions_parsed")
@@ -66,7 +70,67 @@ class ParseQuestionsFn(beam.DoFn):
             self.parsed.inc()
         except ValueError as e:
             self.rejected.inc()
-            yield beam.pvalue.TaggedOutput(REJECTED, json.dumps({"reason": str(e), "line": line[:500]}))
+            yield _rejected(str(e), line)
+
+
+class ParseQuestionFileFn(ParseQuestionsFn):
+    """A whole question file (FiD's JSON array, which is not line-oriented) -> its questions and rejects."""
+
+    def process(self, path: str):
+        with FileSystems.open(path) as handle:
+            data = handle.read()
+        for _, excerpt, parsed in parse_questions(data, self.config.fields):
+            if isinstance(parsed, BadQuestion):
+                self.rejected.inc()
+                yield _rejected(str(parsed), excerpt)
+            else:
+                self.parsed.inc()
+                yield _as_element(parsed)
+
+
+def is_json_array_file(path: str, probe_bytes: int = 1 << 16) -> bool:
+    """Whether a question file starts with `[` (FiD's JSON array) rather than a JSONL record."""
+    with FileSystems.open(path) as handle:
+        while chunk := handle.read(probe_bytes):
+            if chunk.lstrip(b"\xef\xbb\xbf \t\r\n"):
+                return starts_like_array(chunk.lstrip(b" \t\r\n"))
+    return False
+
+
+class ReadQuestions(beam.PTransform):
+    """Question file (path or glob) -> (questions, rejected): the `Read` step of `premem retrieve`.
+
+    JSONL files are read line-parallel (ReadFromText); a JSON array file (first non-space character `[`, FiD's
+    form) is read and parsed as one element (it is not line-oriented).  Both go through the same parser.
+    """
+
+    def __init__(self, path: str, config: RetrieveConfig):
+        super().__init__()
+        self.path, self.config = path, config
+
+    def expand(self, pbegin):
+        files = [m.path for m in FileSystems.match([self.path])[0].metadata_list]
+        if not files:
+            raise InputError(f"questions file {self.path} does not exist: pass a JSONL file with one "
+                             f"{{\"{self.config.id_field}\": ..., \"{self.config.question_field}\": ...}} per line, "
+                             "or FiD's JSON array of such objects")
+        arrays = sorted(f for f in files if is_json_array_file(f))
+        lines = sorted(set(files) - set(arrays))
+        parts = []
+        if lines:
+            read = (beam.io.ReadFromText(self.path) if not arrays
+                    else "Lines" >> beam.Create(lines) | "ReadLines" >> beam.io.ReadAllFromText())
+            parts.append(pbegin | "ReadJsonl" >> read
+                         | "ParseLines" >> beam.ParDo(ParseQuestionsFn(self.config)).with_outputs(
+                             REJECTED, main="questions"))
+        if arrays:
+            parts.append(pbegin | "JsonFiles" >> beam.Create(arrays)
+                         | "ParseJson" >> beam.ParDo(ParseQuestionFileFn(self.config)).with_outputs(
+                             REJECTED, main="questions"))
+        if len(parts) == 1:
+            return parts[0].questions, parts[0][REJECTED]
+        return (tuple(p.questions for p in parts) | "AllQuestions" >> beam.Flatten(),
+                tuple(p[REJECTED] for p in parts) | "AllRejected" >> beam.Flatten())
 
 
 class _Loaded:

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from premem.models import DEFAULT_TEMPLATE
-from premem.pipeline.read import DropDuplicateIds, FieldNames, ReadDocuments, Reject
+from premem.pipeline.read import FieldNames, ReadCorpus, Reject
+from premem.storage.errors import InputError
 
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.jsonl"
@@ -40,7 +41,7 @@ PASSAGE_SCHEMA = pa.schema([
 @dataclasses.dataclass(frozen=True)
 class ShardConfig:
     tokenizer: str
-    passage_words: int = 100
+    passage_words: int = 100  # 0: keep each record as one passage (already split, e.g. DPR's psgs_w100.tsv)
     max_tokens: int = 256
     shard_size: int = 1024
     template: str = DEFAULT_TEMPLATE
@@ -48,12 +49,13 @@ class ShardConfig:
     max_doc_chars: int = 64 << 20
 
     def check(self) -> None:
-        if self.passage_words < 1:
-            raise ValueError(f"--passage-words must be >= 1, got {self.passage_words}")
+        if self.passage_words < 0:
+            raise InputError(f"--passage-words must be >= 1, or 0 to keep each record as one passage; "
+                             f"got {self.passage_words}")
         if self.max_tokens < 2:
-            raise ValueError(f"--max-tokens must be >= 2, got {self.max_tokens}")
+            raise InputError(f"--max-tokens must be >= 2, got {self.max_tokens}")
         if self.shard_size < 1:
-            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+            raise InputError(f"--shard-size must be >= 1, got {self.shard_size}")
         render_passage(self.template, "t", "x")
 
 
@@ -62,11 +64,16 @@ def render_passage(template: str, title: str, text: str) -> str:
     try:
         return template.format(title=title, text=text)
     except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"bad passage template {template!r} ({err}): use only {{title}} and {{text}} fields") from None
+        raise InputError(f"bad passage template {template!r} ({err}): use only {{title}} and {{text}} fields") from None
 
 
 def split_words(text: str, passage_words: int) -> list[str]:
-    """DPR-style passages: consecutive, non-overlapping runs of `passage_words` words."""
+    """DPR-style passages: consecutive, non-overlapping runs of `passage_words` words.
+
+    `passage_words` 0 keeps the text as it is, as one passage (a corpus already split into passages).
+    """
+    if passage_words == 0:
+        return [text]
     words = text.split()
     return [" ".join(words[i:i + passage_words]) for i in range(0, len(words), passage_words)]
 
@@ -188,7 +195,8 @@ def _reason_kind(reject: Reject) -> str:
     """Groups reasons into a few counted kinds for the summary."""
     reason = reject.reason
     for prefix in ("duplicate id", "invalid JSON", "not valid UTF-8", "missing field", "empty field",
-                   "unsupported file type", "could not read", "document has"):
+                   "unsupported file type", "could not read", "document has", "wrong number of tsv columns",
+                   "bad tsv quoting"):
         if reason.startswith(prefix):
             return prefix
     return reason.split(":")[0][:60]
@@ -242,15 +250,8 @@ class ShardCorpus(beam.PTransform):
 
     def expand(self, pbegin):
         cfg = self.config
-        docs, read_rejects = pbegin | "Read" >> ReadDocuments(self.files, cfg.fields, cfg.max_doc_chars)
-        docs, dup_rejects = docs | "Dedupe" >> DropDuplicateIds()
-        rejects = (read_rejects, dup_rejects) | "AllRejects" >> beam.Flatten()
-        _ = (
-            rejects
-            | "RejectJson" >> beam.Map(Reject.to_json)
-            | "WriteRejects" >> beam.io.WriteToText(
-                FileSystems.join(self.out_dir, REJECTS_FILE), shard_name_template="", num_shards=1)
-        )
+        docs, rejects = pbegin | "Read" >> ReadCorpus(self.files, cfg.fields, cfg.max_doc_chars,
+                                                      FileSystems.join(self.out_dir, REJECTS_FILE))
         reject_kinds = (
             rejects
             | "RejectKind" >> beam.Map(lambda r: (_reason_kind(r), 1))
@@ -278,7 +279,7 @@ class ShardCorpus(beam.PTransform):
 def read_index(shards_dir: str) -> dict:
     path = FileSystems.join(shards_dir, INDEX_FILE)
     if not FileSystems.exists(path):
-        raise FileNotFoundError(f"{shards_dir} has no {INDEX_FILE}: run `premem shard` on your corpus first "
+        raise InputError(f"{shards_dir} has no {INDEX_FILE}: run `premem shard` on your corpus first "
                                 "and pass its --out directory")
     with FileSystems.open(path) as handle:
         return json.loads(handle.read())
@@ -292,9 +293,9 @@ def read_shard(shards_dir: str, entry: dict) -> pa.Table:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
             table = pq.read_table(handle)
     except (OSError, pa.ArrowException) as err:
-        raise ValueError(f"shard file {path} is missing or unreadable ({type(err).__name__}): "
+        raise InputError(f"shard file {path} is missing or unreadable ({type(err).__name__}): "
                          "re-run `premem shard` into a fresh --out directory") from None
     if table.num_rows != entry["passages"]:
-        raise ValueError(f"shard file {path} has {table.num_rows} rows but index.json says {entry['passages']}: "
+        raise InputError(f"shard file {path} has {table.num_rows} rows but index.json says {entry['passages']}: "
                          "re-run `premem shard` into a fresh --out directory")
     return table

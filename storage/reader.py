@@ -1,11 +1,12 @@
 """The training-time reader: questions + their neighbours' stored memory, as device tensors, ahead of the loop.
 
-A question set (JSONL: id, question, answers) is joined by question id to a neighbours file (`premem retrieve`)
-and to the memory store it names.  `LumenDataset` is a map-style torch Dataset; its `__getitems__` reads a whole
-batch's B·k passages in one store read (`MemoryStore.read`, any order, repeats allowed), so a DataLoader with
-automatic batching gets a ready `LumenBatch`.  `make_loader` builds the DataLoader (spawn workers, each reopening the
-store; disjoint parts per distributed rank), and `Prefetcher` keeps `depth` batches read, pinned and copied to
-the device ahead of the training step.
+A question set (JSONL or FiD's JSON array: question, answers, optional id; see premem.storage.questions) is joined
+by question id to a neighbours file (`premem retrieve`) and to the memory store it names. `LumenDataset` is a
+map-style torch Dataset; its `__getitems__` reads a whole batch's B·k passages in one store read
+(`MemoryStore.read`, any order, repeats allowed), so a DataLoader with automatic batching gets a ready
+`LumenBatch`. `make_loader` builds the DataLoader (spawn workers, each reopening the store; disjoint parts per
+distributed rank), and `Prefetcher` keeps `depth` batches read, pinned and copied to the device ahead of the
+training step.
 
 Tokenizing questions is the caller's business (storage does not import models): pass the question and answer
 token ids, e.g. from `LumenModel.question_ids` / `label_ids`.
@@ -13,7 +14,6 @@ token ids, e.g. from `LumenModel.question_ids` / `label_ids`.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -29,6 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from premem.storage.errors import ReaderError
 from premem.storage.neighbors import Neighbors, read_neighbors
+from premem.storage.questions import Question, read_question_file
 from premem.storage.store import MemoryStore
 from premem.storage.tensors import pad_sequences
 
@@ -40,62 +41,27 @@ LABEL_PAD = -100  # ignored by the cross-entropy of Hugging Face seq2seq models
 
 
 @dataclass
-class Question:
-    """One question with its reference answers (the first one is the training target)."""
-
-    id: str
-    question: str
-    answers: list[str]
-
-
-@dataclass
 class QuestionSet:
-    """Questions read from JSONL, with the lines set aside and why."""
+    """Questions read from a question file, with the records set aside and why."""
 
     questions: list[Question]
     rejects: list[dict] = field(default_factory=list)  # {"line": n, "reason": ..., "record": excerpt}
 
 
 def read_questions(path: str | os.PathLike, *, require_answers: bool = True) -> QuestionSet:
-    """JSONL with `id`, `question` and `answers` (list of strings) or `answer` (string) per line.
+    """A question file (JSONL, or FiD's JSON array) with `question`, `answers` (or `answer`) and an optional `id`.
 
-    Bad lines (not JSON, missing fields, duplicate ids) are set aside with their reason, never dropped silently.
+    Parsed by premem.storage.questions, the parser `premem retrieve` uses, so both give a question the same id
+    (absent: the first 16 hex digits of sha256 of the question).  Bad records (not JSON, missing fields,
+    duplicate ids) are set aside with their reason, never dropped silently.
     """
     path = Path(path)
     if not path.is_file():
-        raise ReaderError(f"question file {path} does not exist: pass a JSONL file with id, question, answers")
-    out, rejects, seen = [], [], set()
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            reason, record = None, None
-            try:
-                record = json.loads(line)
-            except ValueError:
-                reason = "not valid JSON"
-            if reason is None and not isinstance(record, dict):
-                reason = "not a JSON object"
-            if reason is None:
-                qid, text = record.get("id"), record.get("question")
-                answers = record.get("answers", record.get("answer"))
-                answers = [answers] if isinstance(answers, str) else answers
-                if not isinstance(qid, (str, int)) or isinstance(qid, bool):
-                    reason = "no string or integer 'id'"
-                elif not isinstance(text, str) or not text.strip():
-                    reason = "no non-empty 'question'"
-                elif require_answers and (not isinstance(answers, list) or not answers
-                                          or not all(isinstance(a, str) and a for a in answers)):
-                    reason = "no 'answers' (list of non-empty strings) or 'answer'"
-                elif str(qid) in seen:
-                    reason = f"duplicate id {qid!r}"
-            if reason is not None:
-                rejects.append({"line": number, "reason": reason, "record": line.strip()[:200]})
-                continue
-            seen.add(str(qid))
-            out.append(Question(str(qid), text, list(answers or [])))
+        raise ReaderError(f"question file {path} does not exist: pass a JSONL file (or FiD's JSON array) with "
+                          "question, answers and optionally id")
+    out, rejects = read_question_file(path, require_answers=require_answers)
     if not out:
-        raise ReaderError(f"question file {path} holds no usable question ({len(rejects)} lines set aside"
+        raise ReaderError(f"question file {path} holds no usable question ({len(rejects)} records set aside"
                           + (f", first: line {rejects[0]['line']}: {rejects[0]['reason']}" if rejects else "") + ")")
     return QuestionSet(out, rejects)
 
