@@ -17,6 +17,7 @@ from premem.jobs.clitools import (
     BeamCommand,
     PrememGroup,
     ProgressBar,
+    force_unlock_option,
     listing,
     quiet_beam,
     run_job,
@@ -40,7 +41,8 @@ def main() -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Directory (local or gs://) for the Parquet passage shards.")
 @click.option("--tokenizer", required=True, help="Checkpoint directory whose tokenizer to use, or 'minilm'.")
-@click.option("--passage-words", default=100, show_default=True, help="Words per passage (DPR-style split).")
+@click.option("--passage-words", default=100, show_default=True,
+              help="Words per passage (DPR-style split; 0: keep each record as one passage, e.g. DPR's psgs_w100.tsv).")
 @click.option("--max-tokens", default=256, show_default=True, help="Tokens kept per passage (truncation).")
 @click.option("--shard-size", default=1024, show_default=True, help="Passages per shard.")
 @click.option("--template", default=None, show_default=DEFAULT_TEMPLATE_TEXT,
@@ -53,7 +55,7 @@ def main() -> None:
 @click.pass_context
 def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, template, id_field, title_field,
           text_field, max_doc_chars):
-    """Split INPUTS (.jsonl/.parquet/.txt files, dirs, globs; local or gs://) into tokenized passage shards."""
+    """Split INPUTS (.jsonl/.parquet/.tsv/.txt files, dirs, globs; local or gs://) into tokenized passage shards."""
     from premem.jobs.run import run_shard
     from premem.pipeline.read import FieldNames
     from premem.pipeline.shard import ShardConfig
@@ -97,8 +99,7 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--repair", is_flag=True,
               help="First verify every committed shard (as `premem verify` does) and redo the ones that fail.")
-@click.option("--force-unlock", is_flag=True,
-              help="Take the store's writer lease even if another job holds it (only when that job is dead).")
+@force_unlock_option
 @click.option("--retriever", default="minilm", show_default=True,
               help="Retrieval embeddings computed in the same pass: a sentence-embedding checkpoint (directory, "
                    "gs://, 'minilm'), 'memory-mean' (mean of the stored memory states) or 'none'.")
@@ -117,8 +118,6 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
     from premem.jobs.run import run_encode
     from premem.pipeline.encode import EncoderConfig
 
-    if (memory_layers is None) == (live_fraction is None):
-        raise click.UsageError("give exactly one of --memory-layers K or --live-fraction α")
     config = EncoderConfig(checkpoint=encoder, memory_layers=memory_layers, live_fraction=live_fraction,
                            device=device, compute_dtype=compute_dtype, tokens_per_batch=tokens_per_batch,
                            **({} if template is None else {"template": template}))

@@ -11,6 +11,11 @@ import time
 
 import click
 
+# Every command that writes a store takes over the writer lease of a dead job with this flag (storage/lease.py).
+force_unlock_option = click.option(
+    "--force-unlock", is_flag=True,
+    help="Take the store's writer lease even if another job holds it (only when that job is dead).")
+
 # Commands in the order data flows through them (`premem --help` lists them so); others follow, sorted.
 PIPELINE_ORDER = ("shard", "encode", "index", "retrieve", "search", "train-lumen", "train-melodi", "compress", "info",
                   "verify", "demo", "lumen-demo")

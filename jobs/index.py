@@ -57,12 +57,12 @@ def _sample_rows(store: MemoryStore, size: int, seed: int) -> np.ndarray:
 
 
 def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_args: list[str] | None = None,
-                log=lambda message: None) -> dict:
+                log=lambda message: None, force_unlock: bool = False) -> dict:
     """Builds and stores the index; returns the manifest's ``index`` record.
 
     Holds the store's writer lease while it runs, so it never runs beside an encode job of the same store.
     """
-    with StoreLease(store_path, job="premem index") as lease:
+    with StoreLease(store_path, job="premem index", force=force_unlock) as lease:
         return _build_index(store_path, config, pipeline_args, log, lease.token)
 
 

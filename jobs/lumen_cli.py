@@ -9,10 +9,11 @@ from premem.jobs.clitools import PrememCommand, run_job
 @click.command("train-lumen", cls=PrememCommand, short_help="Fine-tune a LUMEN model on stored memory.")
 @click.option("--checkpoint", required=True, help="T5 checkpoint directory (T5ForConditionalGeneration layout).")
 @click.option("--store", required=True, help="Memory store encoded from the same checkpoint (`premem encode`).")
-@click.option("--questions", required=True, help="JSONL with id, question, answers (or answer).")
+@click.option("--questions", required=True,
+              help="Questions: JSONL or FiD's JSON array with question, answers (or answer) and optionally id.")
 @click.option("--neighbors", required=True, help="Neighbours Parquet file of the questions (`premem retrieve`).")
 @click.option("--out", required=True, help="Directory for metrics.json and the fine-tuned model.")
-@click.option("--eval-questions", default=None, help="JSONL to evaluate exact match on (same format).")
+@click.option("--eval-questions", default=None, help="Questions to evaluate exact match on (same formats).")
 @click.option("--eval-neighbors", default=None, help="Neighbours file of --eval-questions (default: --neighbors).")
 @click.option("-k", "k", type=int, default=None, help="Passages per question (default: all in the file; 0: none).")
 @click.option("--memory-layers", type=int, default=None, help="K (default: the store's).")

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from premem.jobs.clitools import BeamCommand, PrememCommand, fail, run_job
+from premem.jobs.clitools import BeamCommand, PrememCommand, fail, force_unlock_option, run_job
 
 # A small shape that trains on a CPU in minutes (bytes: vocab 257).
 SMALL = dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, W=128, S=32, Su=32, L=16, Q_max=16,
@@ -94,15 +94,17 @@ def train_melodi(inputs, out, config_name, overrides, steps, batch_size, segment
                    "layers too, not the output head).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
+@force_unlock_option
 @click.pass_context
-def compress(ctx, inputs, store, checkpoint, docs_per_shard, docs_per_batch, dtype, end_state, device, text_field):
+def compress(ctx, inputs, store, checkpoint, docs_per_shard, docs_per_batch, dtype, end_state, device, text_field,
+             force_unlock):
     """Pre-encode the long-term memory of every window of the documents in INPUTS into STORE."""
     from premem.jobs.melodi_run import run_compress
     from premem.pipeline.read import FieldNames
 
     s = run_job(run_compress, list(inputs), store, checkpoint, docs_per_shard=docs_per_shard,
                 docs_per_batch=docs_per_batch, dtype=dtype, end_state=end_state, device=device,
-                fields=FieldNames(text=text_field), pipeline_args=ctx.args)
+                fields=FieldNames(text=text_field), pipeline_args=ctx.args, force_unlock=force_unlock)
     rejects = s["rejects"]
     click.echo(f"{s['documents'] + len(rejects)} input records = {s['documents']} documents + {len(rejects)} rejected"
                + (f" (see {s['rejects_path']})" if rejects else ""))

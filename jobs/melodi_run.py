@@ -10,6 +10,7 @@ from apache_beam.io.filesystems import FileSystems
 from premem.jobs.run import pipeline_options
 from premem.pipeline.read import Document, FieldNames, ReadDocumentsFn, Reject, expand_inputs, keep_first
 from premem.storage.errors import PrememError
+from premem.storage.lease import StoreLease
 
 
 def load_documents(inputs: list[str], fields: FieldNames | None = None,
@@ -58,15 +59,13 @@ def run_train_melodi(inputs: list[str], out_dir: str, config, train_config, *, h
 def run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_per_shard: int = 16,
                  docs_per_batch: int = 8, dtype: str = "float32", end_state: bool = True, device: str = "cpu",
                  fields: FieldNames | None = None, max_doc_chars: int = 64 << 20,
-                 pipeline_args: list[str] | None = None) -> dict:
+                 pipeline_args: list[str] | None = None, force_unlock: bool = False) -> dict:
     """Documents -> long-term memory store (one Beam element = one shard of documents); returns the summary.
 
     Rerunning on the same store skips committed shards; the store refuses another checkpoint or other inputs.
     The job holds the store's writer lease while it runs: a second compress job of the same store is refused.
     """
-    from premem.storage.lease import StoreLease
-
-    with StoreLease(store_path, job="premem compress") as lease:
+    with StoreLease(store_path, job="premem compress", force=force_unlock) as lease:
         return _run_compress(inputs, store_path, checkpoint, docs_per_shard=docs_per_shard,
                              docs_per_batch=docs_per_batch, dtype=dtype, end_state=end_state, device=device,
                              fields=fields, max_doc_chars=max_doc_chars, pipeline_args=pipeline_args,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from premem.jobs.clitools import BeamCommand, PrememCommand, run_job
+from premem.jobs.clitools import BeamCommand, PrememCommand, force_unlock_option, run_job
 
 
 @click.command(cls=BeamCommand, short_help="Build the faiss index over a store's retrieval vectors.")
@@ -19,15 +19,16 @@ from premem.jobs.clitools import BeamCommand, PrememCommand, run_job
 @click.option("--target-recall", default=0.95, show_default=True,
               help="nprobe / efSearch defaults are tuned to this recall@10 against exact search (one pass over "
                    "the embeddings); 0 skips tuning (nprobe = nlist/64).")
+@force_unlock_option
 @click.pass_context
-def index(ctx, store, factory, max_memory, train_size, on_disk, target_recall):
+def index(ctx, store, factory, max_memory, train_size, on_disk, target_recall, force_unlock):
     """Build the faiss index of STORE's retrieval embeddings (trained on a sample, added shard by shard)."""
     from premem.jobs.index import IndexConfig, build_index
     from premem.storage.faiss_index import parse_memory
 
     config = run_job(lambda: IndexConfig(factory=factory, max_memory=parse_memory(max_memory), train_size=train_size,
                                          on_disk=on_disk, target_recall=target_recall))
-    record = run_job(build_index, store, config, ctx.args, log=_index_log)
+    record = run_job(build_index, store, config, ctx.args, log=_index_log, force_unlock=force_unlock)
     params = " and ".join(f"{k}={v}" for k, v in record["search_params"].items())
     click.echo(f"index:    {record['factory']} over {record['ntotal']} vectors (dim {record['dim']}, inner product), "
                f"{record['bytes'] / 2**20:.1f} MiB{' on disk' if record['on_disk'] else ''}")
@@ -90,7 +91,7 @@ def search(store, query, k, nprobe, ef_search, width):
 @click.option("--ef-search", type=int, default=None)
 @click.pass_context
 def retrieve(ctx, store, questions, out, k, id_field, question_field, batch_size, nprobe, ef_search):
-    """Top-k rows of STORE for every question of QUESTIONS (JSONL), written as a neighbours file (Beam job)."""
+    """Top-k rows of STORE for every question of QUESTIONS (JSONL or FiD's JSON array), as a neighbours file."""
     from premem.jobs.retrieve import retrieve as run_retrieve
     from premem.pipeline.retrieve import RetrieveConfig
 

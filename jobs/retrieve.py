@@ -17,9 +17,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from premem.jobs.run import pipeline_options
 from premem.models.retriever import query_encoder
-from premem.pipeline.retrieve import REJECTED, ParseQuestionsFn, RetrieveConfig, SearchQuestionsFn
+from premem.pipeline.retrieve import REJECTED, ReadQuestions, RetrieveConfig, SearchQuestionsFn
 from premem.storage import MemoryStore
-from premem.storage.errors import InputError, RetrievalError
+from premem.storage.errors import RetrievalError
 from premem.storage.faiss_index import index_info
 from premem.storage.neighbors import SCHEMA, write_neighbors
 
@@ -35,22 +35,17 @@ def retrieve(store_path: str, questions_path: str, out_path: str, config: Retrie
     if config.k > int(info["ntotal"]):
         raise RetrievalError(f"-k {config.k} is larger than the {info['ntotal']} rows in the index of store "
                              f"{store.path}: ask for at most {info['ntotal']}")
-    if not FileSystems.match([questions_path])[0].metadata_list:
-        raise InputError(f"questions file {questions_path} does not exist: pass a JSONL file with one "
-                                f"{{\"{config.id_field}\": ..., \"{config.question_field}\": ...}} per line")
     store.search(["warm up"], 1, encoder=query_encoder(store.manifest))  # a mismatch fails here, before any worker
     parts_prefix = f"{out_path}.parts-{uuid.uuid4().hex[:8]}/part"
     rejects_path = f"{out_path}.rejects.jsonl"
     with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
-        parsed = (pipeline
-                  | "Read" >> beam.io.ReadFromText(questions_path)
-                  | "Parse" >> beam.ParDo(ParseQuestionsFn(config)).with_outputs(REJECTED, main="questions"))
-        searched = (parsed.questions
+        questions, rejected = pipeline | "Read" >> ReadQuestions(questions_path, config)
+        searched = (questions
                     | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.batch_size)
                     | "Search" >> beam.ParDo(SearchQuestionsFn(store.path, config)).with_outputs(
                         REJECTED, main="found"))
         _ = searched.found | "WriteParts" >> beam.io.WriteToParquet(parts_prefix, SCHEMA, file_name_suffix=".parquet")
-        _ = ((parsed[REJECTED], searched[REJECTED]) | "AllRejects" >> beam.Flatten()
+        _ = ((rejected, searched[REJECTED]) | "AllRejects" >> beam.Flatten()
              | "WriteRejects" >> beam.io.WriteToText(rejects_path, shard_name_template="", num_shards=1))
     part_files = [m.path for m in FileSystems.match([parts_prefix + "*"])[0].metadata_list]
     tables = []

@@ -97,7 +97,7 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
         store_path, rows=index["rows"], max_tokens=index["max_tokens"], d_model=info["d_model"], dtype=dtype,
         shard_size=index["shard_size"], fingerprint=fingerprint, encoder=info, codec=codec, token_chunk=token_chunk,
         zstd_level=zstd_level,
-        extra={"shards_dir": shards_dir, "records": index["records"], "passage_words": index["passage_words"],
+        extra={"shards_dir": shards_dir, "records": index["records"], "passage_words": _passage_words(index),
                "compute_dtype": config.compute_dtype},
     )
     repaired = _discard_bad_shards(store) if repair else []
@@ -135,6 +135,12 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
     summary = store.summary()
     summary["run"] = stats
     return summary
+
+
+def _passage_words(index: dict) -> int:
+    """Words of the longest passage the shards can hold: the split length, or (--passage-words 0: passages kept as
+    they came) the longest one the shard step saw."""
+    return int(index["passage_words"]) or max((int(s.get("max_words", 0)) for s in index["shards"]), default=0)
 
 
 def _discard_bad_shards(store: MemoryStore) -> list[int]:

@@ -48,7 +48,7 @@ _LAYER_PARAM = re.compile(r"encoder\.(?:block|layer)\.(\d+)\.")
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The fast tokenizer saved with the checkpoint at `path`."""
-    return _load_tokenizer(resolve_checkpoint(path))
+    return load_tokenizer_dir(resolve_checkpoint(path))
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -66,7 +66,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def load_full_encoder(path: str) -> PreTrainedModel:
     """The untouched Hugging Face encoder (T5EncoderModel or BertModel), fp32, eval mode: the reference."""
-    return _load_encoder(resolve_checkpoint(path))[0]
+    return load_encoder_dir(resolve_checkpoint(path))[0]
 
 
 def load_live_layers(
@@ -76,14 +76,14 @@ def load_live_layers(
 
     Unlike the memory encoder they stay trainable: a LUMEN live encoder fine-tunes them.
     """
-    model, arch = _load_encoder(resolve_checkpoint(path))
+    model, arch = load_encoder_dir(resolve_checkpoint(path))
     layers = _encoder_layers(model)
     k = resolve_memory_layers(memory_layers, None, len(layers))
     if arch == "t5":
-        stack = _LayerStack(layers[k:], _T5PositionBias(layers[0].layer[0].SelfAttention))
+        stack = LayerStack(layers[k:], _T5PositionBias(layers[0].layer[0].SelfAttention))
         final_norm: nn.Module = nn.Sequential(model.encoder.final_layer_norm, model.encoder.dropout)
     else:
-        stack, final_norm = _LayerStack(layers[k:], None), nn.Identity()
+        stack, final_norm = LayerStack(layers[k:], None), nn.Identity()
     live = LiveLayers(stack, final_norm, arch=arch, num_layers=len(layers), memory_layers=k)
     return live.to(device=device, dtype=dtype).eval()
 
@@ -94,7 +94,7 @@ class MemoryEncoder(nn.Module):
     def __init__(
         self,
         embed: nn.Module,
-        stack: _LayerStack,
+        stack: LayerStack,
         *,
         arch: str,
         model_type: str,
@@ -135,10 +135,10 @@ class MemoryEncoder(nn.Module):
 
         Give exactly one of `memory_layers` (K) or `live_fraction` (α, K = round((1 - α) · L)).
         """
-        _check_template(template)
+        check_template(template)
         local = resolve_checkpoint(path)
-        tokenizer = _load_tokenizer(local)
-        model, arch = _load_encoder(local)
+        tokenizer = load_tokenizer_dir(local)
+        model, arch = load_encoder_dir(local)
         layers = _encoder_layers(model)
         k = resolve_memory_layers(memory_layers, live_fraction, len(layers))
         tokenizer_hash = tokenizer_fingerprint(tokenizer)
@@ -146,9 +146,9 @@ class MemoryEncoder(nn.Module):
         fingerprint = _fingerprint(model, arch, k, tokenizer_hash, template)
         if arch == "t5":
             embed: nn.Module = nn.Sequential(model.shared, model.encoder.dropout)
-            stack = _LayerStack(layers[:k], _T5PositionBias(layers[0].layer[0].SelfAttention))
+            stack = LayerStack(layers[:k], _T5PositionBias(layers[0].layer[0].SelfAttention))
         else:
-            embed, stack = model.embeddings, _LayerStack(layers[:k], None)
+            embed, stack = model.embeddings, LayerStack(layers[:k], None)
         encoder = cls(
             embed,
             stack,
@@ -194,7 +194,7 @@ class MemoryEncoder(nn.Module):
 class LiveLayers(nn.Module):
     """Layers [K, L) plus the final norm: finishes the encoder on memory states (alone or after a question)."""
 
-    def __init__(self, stack: _LayerStack, final_norm: nn.Module, *, arch: str, num_layers: int, memory_layers: int):
+    def __init__(self, stack: LayerStack, final_norm: nn.Module, *, arch: str, num_layers: int, memory_layers: int):
         super().__init__()
         self.stack = stack
         self.final_norm = final_norm
@@ -210,7 +210,7 @@ class LiveLayers(nn.Module):
         return self.final_norm(self.stack(hidden, attention_mask))
 
 
-class _LayerStack(nn.Module):
+class LayerStack(nn.Module):
     """Runs a slice of Hugging Face encoder layers given only a [B, T] keep-mask."""
 
     def __init__(self, layers: nn.ModuleList, position_bias: _T5PositionBias | None) -> None:
@@ -258,7 +258,8 @@ def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return torch.zeros(drop.shape, dtype=dtype, device=drop.device).masked_fill(drop, torch.finfo(dtype).min)
 
 
-def _load_tokenizer(local: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer_dir(local: Path) -> PreTrainedTokenizerBase:
+    """The fast tokenizer of a local checkpoint directory (a clear error when there is none)."""
     # Checked first: for a T5 directory without tokenizer files AutoTokenizer quietly builds an empty vocabulary.
     if not any((local / name).is_file() for name in _TOKENIZER_FILES):
         raise CheckpointError(
@@ -280,7 +281,7 @@ def _load_tokenizer(local: Path) -> PreTrainedTokenizerBase:
 
 
 @contextlib.contextmanager
-def _quiet_loading():
+def quiet_loading():
     """No per-load progress bar: a job loads the model in every worker and reports its own progress."""
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -291,7 +292,7 @@ def _quiet_loading():
             hf_logging.enable_progress_bar()
 
 
-def _load_encoder(local: Path) -> tuple[PreTrainedModel, str]:
+def load_encoder_dir(local: Path) -> tuple[PreTrainedModel, str]:
     """The checkpoint's encoder in fp32 eval mode, and its arch ("t5" or "bert")."""
     model_type = _model_type(local)
     arch = _ARCH[model_type]
@@ -299,7 +300,7 @@ def _load_encoder(local: Path) -> tuple[PreTrainedModel, str]:
         config = AutoConfig.from_pretrained(local, local_files_only=True)
         model_class = T5EncoderModel if arch == "t5" else BertModel
         # SDPA accepts the float masks built here; T5EncoderModel reads the encoder of a full T5 checkpoint too.
-        with _quiet_loading():
+        with quiet_loading():
             model, loading = model_class.from_pretrained(
                 local,
                 config=config,
@@ -379,16 +380,24 @@ def resolve_memory_layers(
     return k
 
 
-def _check_template(template: str) -> None:
+def check_template(template: str, what: str = "template") -> None:
+    """A passage template renders {text} and optionally {title}, nothing else (the one rule for the memory encoder,
+    the retriever and `premem shard`)."""
     try:
         ok = "\0" in template.format(title="", text="\0")
     except (KeyError, IndexError, ValueError):
         ok = False
     if not ok:
         raise CheckpointError(
-            f"template {template!r} is invalid: use {{text}} for the passage and optionally {{title}}, "
+            f"{what} {template!r} is invalid: use {{text}} for the passage and optionally {{title}}, "
             "with literal braces doubled"
         )
+
+
+def render_passage(template: str, title: str, text: str) -> str:
+    """A passage as the encoder reads it (FiD's input format: title and text through the template)."""
+    check_template(template)
+    return template.format(title=title, text=text)
 
 
 def _fingerprint(model: PreTrainedModel, arch: str, memory_layers: int, tokenizer_hash: str, template: str) -> str:

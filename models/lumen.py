@@ -34,10 +34,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from .checkpoint import CheckpointError, one_line, resolve_checkpoint
 from .encoder import (
     DEFAULT_TEMPLATE,
+    LayerStack,
     MemoryEncoder,
-    _LayerStack,
-    _load_tokenizer,
-    _quiet_loading,
+    load_tokenizer_dir,
+    quiet_loading,
     resolve_memory_layers,
 )
 
@@ -102,8 +102,8 @@ class LumenModel(nn.Module):
         bias = _SharedT5Bias(blocks[0].layer[0].SelfAttention)
         # Views on the T5 encoder's own blocks, split where the memory ends; kept out of the module tree so
         # every parameter has one name (under t5) and save_pretrained writes a plain T5 checkpoint.
-        object.__setattr__(self, "question_layers", _LayerStack(blocks[:memory_layers], bias))
-        object.__setattr__(self, "live_layers", _LayerStack(blocks[memory_layers:], bias))
+        object.__setattr__(self, "question_layers", LayerStack(blocks[:memory_layers], bias))
+        object.__setattr__(self, "live_layers", LayerStack(blocks[memory_layers:], bias))
         self._memory_encoder: MemoryEncoder | None = None
         self._memory_fingerprint: str | None = None
 
@@ -126,7 +126,7 @@ class LumenModel(nn.Module):
         if "{question}" not in question_template:
             raise CheckpointError(f"question template {question_template!r} lacks {{question}}: add it")
         local = resolve_checkpoint(path)
-        tokenizer = _load_tokenizer(local)
+        tokenizer = load_tokenizer_dir(local)
         t5 = _load_t5(local)
         layers = len(t5.encoder.block)
         k = resolve_memory_layers(memory_layers, live_fraction, layers, min_layers=0)
@@ -303,7 +303,7 @@ def _pack(
 def _load_t5(local: Path) -> T5ForConditionalGeneration:
     """The full T5 (encoder + decoder) in fp32; a checkpoint without a decoder is a clear error."""
     try:
-        with _quiet_loading():
+        with quiet_loading():
             t5, loading = T5ForConditionalGeneration.from_pretrained(
                 local, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True, output_loading_info=True
             )

@@ -27,7 +27,14 @@ from premem.storage.errors import CheckpointError, FingerprintMismatch, InputErr
 from premem.storage.tensors import pad_sequences
 
 from .checkpoint import resolve_checkpoint
-from .encoder import MemoryEncoder, _load_encoder, _load_tokenizer, token_budget_batches, tokenizer_fingerprint
+from .encoder import (
+    MemoryEncoder,
+    check_template,
+    load_encoder_dir,
+    load_tokenizer_dir,
+    token_budget_batches,
+    tokenizer_fingerprint,
+)
 
 NONE = "none"
 MEMORY_MEAN = "memory-mean"
@@ -142,11 +149,11 @@ class TextEmbedder:
                         template: str = DEFAULT_PASSAGE_TEMPLATE, window_words: int = 0,
                         device: str = "cpu", compute_dtype: str = "float32") -> TextEmbedder:
         local = resolve_checkpoint(path)
-        tokenizer = _load_tokenizer(local)
-        model, _arch = _load_encoder(local)
+        tokenizer = load_tokenizer_dir(local)
+        model, _arch = load_encoder_dir(local)
         pooling = _resolve_pooling(local, pooling)
         max_length = _resolve_max_length(local, tokenizer, max_length)
-        _check_passage_template(template)
+        check_template(template, "retriever template")
         if window_words < 0:
             raise CheckpointError(f"--retriever-window-words must be 0 (one vector per passage) or positive, "
                                   f"got {window_words}")
@@ -265,15 +272,6 @@ def _resolve_max_length(local: Path, tokenizer, max_length: int | None) -> int:
         pass
     limit = getattr(tokenizer, "model_max_length", 512)
     return int(limit) if limit and limit < 100_000 else 512
-
-
-def _check_passage_template(template: str) -> None:
-    try:
-        ok = "\0" in template.format(title="", text="\0")
-    except (KeyError, IndexError, ValueError):
-        ok = False
-    if not ok:
-        raise CheckpointError(f"retriever template {template!r} is invalid: use {{text}} and optionally {{title}}")
 
 
 def _text_fingerprint(model, tokenizer_hash: str, pooling: str, max_length: int, template: str,

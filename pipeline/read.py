@@ -139,16 +139,22 @@ class ReadDocumentsFn(beam.DoFn):
         self.records.inc()
         return beam.pvalue.TaggedOutput(REJECTS, Reject(source, position, reason, _excerpt(raw or "")))
 
+    def _text_lines(self, path: str, lines) -> Iterator:
+        """(line number, text, None) per non-blank line, or (line number, None, reject) for one that is not UTF-8."""
+        for line_no, raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                yield line_no, raw.decode("utf-8"), None
+            except UnicodeDecodeError as err:
+                yield line_no, None, self._reject(path, line_no, f"not valid UTF-8 (byte {err.start})",
+                                                  raw.decode("utf-8", "replace"))
+
     def _read_jsonl(self, file_index: int, path: str) -> Iterator:
         with FileSystems.open(path) as handle:
-            for line_no, raw in enumerate(iter(handle.readline, b""), start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    yield self._reject(path, line_no, f"not valid UTF-8 (byte {err.start})",
-                                       raw.decode("utf-8", "replace"))
+            for line_no, line, reject in self._text_lines(path, enumerate(iter(handle.readline, b""), start=1)):
+                if reject is not None:
+                    yield reject
                     continue
                 try:
                     record = json.loads(line)
@@ -184,14 +190,9 @@ class ReadDocumentsFn(beam.DoFn):
                     break
             if header is None:
                 return  # an empty file holds no records
-            for line_no, raw in lines:
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    yield self._reject(path, line_no, f"not valid UTF-8 (byte {err.start})",
-                                       raw.decode("utf-8", "replace"))
+            for line_no, line, reject in self._text_lines(path, lines):
+                if reject is not None:
+                    yield reject
                     continue
                 line = line.rstrip("\r\n")
                 try:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from premem.models import DEFAULT_TEMPLATE
+from premem.models.encoder import check_template, render_passage
 from premem.pipeline.read import FieldNames, ReadCorpus, Reject
 from premem.storage.errors import InputError
 
@@ -56,15 +57,7 @@ class ShardConfig:
             raise InputError(f"--max-tokens must be >= 2, got {self.max_tokens}")
         if self.shard_size < 1:
             raise InputError(f"--shard-size must be >= 1, got {self.shard_size}")
-        render_passage(self.template, "t", "x")
-
-
-def render_passage(template: str, title: str, text: str) -> str:
-    """FiD's input format; only {title} and {text} may appear in the template."""
-    try:
-        return template.format(title=title, text=text)
-    except (KeyError, IndexError, ValueError) as err:
-        raise InputError(f"bad passage template {template!r} ({err}): use only {{title}} and {{text}} fields") from None
+        check_template(self.template)
 
 
 def split_words(text: str, passage_words: int) -> list[str]:
@@ -187,6 +180,7 @@ class WriteShardFn(beam.DoFn):
             "passages": len(rows),
             "tokens": tokens,
             "max_length": max(p["length"] for p in rows),
+            "max_words": max(len(p["text"].split()) for p in rows),
             "truncated": sum(p["truncated"] for p in rows),
         }
 

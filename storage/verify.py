@@ -4,7 +4,7 @@
 bad shard and row.  What is checked depends on the store kind in ``manifest.json`` (a verifier per kind,
 :func:`register_verifier`); every Zarr array of the store that no kind-specific verifier read (retrieval
 embeddings, arrays of later store kinds) is still read chunk by chunk, so a corrupt chunk anywhere is found.
-Re-encoding a sample of rows needs the encoder, so it lives in ``premem.pipeline.recheck``.
+Re-encoding a sample of rows needs the encoder, so it lives in ``premem.jobs.recheck``.
 """
 
 from __future__ import annotations

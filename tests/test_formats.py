@@ -15,7 +15,6 @@ from checkpoints import english_sentences
 from click.testing import CliRunner
 from lumen_helpers import make_full_t5_checkpoint
 
-import premem.jobs.retrieve as retrieve_job
 from premem.jobs.cli import main
 from premem.pipeline.retrieve import ReadQuestions, RetrieveConfig
 from premem.storage import MemoryStore, read_neighbors
@@ -193,8 +192,6 @@ def test_fid_json_is_read_as_one_element_by_the_retrieve_read_step(question_file
                     equal_to(["field 'question' is empty"]), label="rejected")
 
 
-@pytest.mark.xfail(not hasattr(retrieve_job, "ReadQuestions"), strict=True,
-                   reason="premem.jobs.retrieve still reads questions with ReadFromText: wire in ReadQuestions")
 def test_fid_json_through_retrieve(store, question_files, tmp_path):
     root, expected = question_files
     from_json = _retrieve(store, root / "fid.json", tmp_path / "json.parquet")

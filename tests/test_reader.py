@@ -208,7 +208,7 @@ def test_store_with_the_wrong_fingerprint_is_refused(store, files):
 
 def test_question_file_without_usable_lines_is_an_error(tmp_path):
     (tmp_path / "q.jsonl").write_text('{"id": 1}\n')
-    with pytest.raises(ReaderError, match="no usable question.*line 1: no non-empty 'question'"):
+    with pytest.raises(ReaderError, match="no usable question.*line 1: no string field 'question'"):
         read_questions(tmp_path / "q.jsonl")
 
 
