@@ -38,6 +38,14 @@ class StoreHandle:
     def _reset_handles(self) -> None:
         self._pid = os.getpid()
         self._kv_handle: ts.KvStore | None = None
+        self._memo: dict[str, object] = {}
+
+    def memo(self, name: str, make: Callable[[], object]):
+        """An object derived from the store (e.g. its loaded faiss index), made once per handle and process."""
+        self._check_pid()
+        if name not in self._memo:
+            self._memo[name] = make()
+        return self._memo[name]
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "manifest": self.manifest, "read_only": self.read_only,

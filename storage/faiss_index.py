@@ -340,15 +340,15 @@ def index_info(store: MemoryStore) -> dict:
 
 
 def load_index(store: MemoryStore) -> faiss.Index:
-    """The merged index (cached on the store object); on-disk IVF indexes are memory-mapped."""
-    cached = getattr(store, "_faiss_index", None)
-    if cached is not None:
-        return cached
+    """The merged index (loaded once per store handle); on-disk IVF indexes are memory-mapped."""
+    return store.memo("faiss_index", lambda: _load_index(store))
+
+
+def _load_index(store: MemoryStore) -> faiss.Index:
     info = index_info(store)
     key = (store.path, info.get("built_at"), info.get("bytes"), info.get("factory"), info.get("build_seconds"))
     if key in _LOADED:  # one copy per process: the driver and in-process workers share it
-        store._faiss_index = _LOADED[key]
-        return store._faiss_index
+        return _LOADED[key]
     if info.get("on_disk"):
         path = os.path.join(store.path, MERGED)
         try:
@@ -373,7 +373,6 @@ def load_index(store: MemoryStore) -> faiss.Index:
     set_search_params(index, info.get("search_params", {}))
     _LOADED.clear()
     _LOADED[key] = index
-    store._faiss_index = index
     return index
 
 
