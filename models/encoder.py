@@ -396,8 +396,11 @@ def check_template(template: str, what: str = "template") -> None:
 
 def render_passage(template: str, title: str, text: str) -> str:
     """A passage as the encoder reads it (FiD's input format: title and text through the template)."""
-    check_template(template)
-    return template.format(title=title, text=text)
+    try:
+        return template.format(title=title, text=text)
+    except (KeyError, IndexError, ValueError):
+        check_template(template)  # says what is wrong with it
+        raise
 
 
 def _fingerprint(model: PreTrainedModel, arch: str, memory_layers: int, tokenizer_hash: str, template: str) -> str:
