@@ -35,11 +35,12 @@ def retrieve(store_path: str, questions_path: str, out_path: str, config: Retrie
     if config.k > int(info["ntotal"]):
         raise RetrievalError(f"-k {config.k} is larger than the {info['ntotal']} rows in the index of store "
                              f"{store.path}: ask for at most {info['ntotal']}")
-    store.search(["warm up"], 1, encoder=query_encoder(store.manifest))  # a mismatch fails here, before any worker
     parts_prefix = f"{out_path}.parts-{uuid.uuid4().hex[:8]}/part"
     rejects_path = f"{out_path}.rejects.jsonl"
     with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
         questions, rejected = pipeline | "Read" >> ReadQuestions(questions_path, config)
+        # After the question file is found (above), before any worker starts: a retriever mismatch fails here.
+        store.search(["warm up"], 1, encoder=query_encoder(store.manifest))
         searched = (questions
                     | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.batch_size)
                     | "Search" >> beam.ParDo(SearchQuestionsFn(store.path, config)).with_outputs(
