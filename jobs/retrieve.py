@@ -17,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from premem.jobs.run import pipeline_options
 from premem.models.retriever import query_encoder
+from premem.pipeline.objects import WriteLines, WriteParquetParts
 from premem.pipeline.retrieve import REJECTED, ReadQuestions, RetrieveConfig, SearchQuestionsFn
 from premem.storage import MemoryStore
 from premem.storage.errors import RetrievalError
@@ -45,9 +46,9 @@ def retrieve(store_path: str, questions_path: str, out_path: str, config: Retrie
                     | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.batch_size)
                     | "Search" >> beam.ParDo(SearchQuestionsFn(store.path, config)).with_outputs(
                         REJECTED, main="found"))
-        _ = searched.found | "WriteParts" >> beam.io.WriteToParquet(parts_prefix, SCHEMA, file_name_suffix=".parquet")
+        _ = searched.found | "WriteParts" >> WriteParquetParts(parts_prefix, SCHEMA)
         _ = ((rejected, searched[REJECTED]) | "AllRejects" >> beam.Flatten()
-             | "WriteRejects" >> beam.io.WriteToText(rejects_path, shard_name_template="", num_shards=1))
+             | "WriteRejects" >> WriteLines(rejects_path))
     part_files = [m.path for m in FileSystems.match([parts_prefix + "*"])[0].metadata_list]
     tables = []
     for name in part_files:

@@ -14,6 +14,7 @@ from apache_beam.utils.shared import Shared
 from premem.models import DEFAULT_TEMPLATE
 from premem.models.encoder import token_budget_batches
 from premem.models.retriever import RetrieverConfig, memory_mean
+from premem.pipeline.objects import WriteLines
 from premem.pipeline.shard import read_shard
 from premem.storage import MemoryStore
 from premem.storage.embeddings import embeddings_committed, vectors_per_row, write_shard_embeddings
@@ -245,6 +246,5 @@ class EncodeShards(beam.PTransform):
             | "SpreadShards" >> beam.Reshuffle()
             | "Encode" >> beam.ParDo(self.fn).with_outputs(FAILED, main="encoded")
         )
-        _ = results[FAILED] | "WriteFailures" >> beam.io.WriteToText(
-            self.failures_path, shard_name_template="", num_shards=1)
+        _ = results[FAILED] | "WriteFailures" >> WriteLines(self.failures_path)
         return results.encoded

@@ -26,6 +26,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from premem.pipeline.objects import WriteLines
 from premem.storage.errors import InputError
 
 __all__ = ["REJECTS", "Document", "DropDuplicateIds", "FieldNames", "InputError", "ReadCorpus", "ReadDocuments",
@@ -344,6 +345,6 @@ class ReadCorpus(beam.PTransform):
             _ = (
                 rejects
                 | "RejectJson" >> beam.Map(Reject.to_json)
-                | "WriteRejects" >> beam.io.WriteToText(self.rejects_path, shard_name_template="", num_shards=1)
+                | "WriteRejects" >> WriteLines(self.rejects_path)
             )
         return docs, rejects

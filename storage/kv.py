@@ -43,6 +43,21 @@ def is_local(path: str) -> bool:
     return "://" not in path
 
 
+EMULATOR_TOKEN = "premem-storage-emulator"  # the bearer token TensorStore sends to a GCS emulator
+
+
+def use_storage_emulator() -> str | None:
+    """Points TensorStore's gcs kvstore at ``STORAGE_EMULATOR_HOST`` (the one variable Google's clients and Beam read),
+    with a test token so it does not look for credentials; returns the emulator's URL, or None without one."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "").strip().rstrip("/")
+    if not host:
+        return None
+    url = host if "://" in host else f"http://{host}"
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", EMULATOR_TOKEN)
+    return url
+
+
 def kvstore_spec(path: str | os.PathLike, sub: str = "") -> dict:
     """TensorStore kvstore spec for ``path`` (local dir, ``gs://bucket/prefix``, ``s3://...``) joined with ``sub``.
 
@@ -53,6 +68,8 @@ def kvstore_spec(path: str | os.PathLike, sub: str = "") -> dict:
     if is_local(p):
         return {"driver": "file", "path": os.path.join(p, "") + sub}
     scheme, rest = p.split("://", 1)
+    if scheme == "gs":
+        use_storage_emulator()
     bucket, _, prefix = rest.partition("/")
     key = (prefix + "/" if prefix else "") + sub
     return {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket, "path": key}

