@@ -76,8 +76,6 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
                 token_chunk: int, zstd_level: int,
                 pipeline_args: list[str] | None, progress: Callable[[int, int], None] | None, repair: bool,
                 lease, retriever=None) -> dict:
-    from premem.models import tokenizer_fingerprint
-
     index = read_index(shards_dir)
     if index["rows"] == 0:
         raise PrememError(f"{shards_dir} holds no passages (all {index['records']['input']} input records were "
@@ -85,14 +83,13 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
     if config.template != index["template"]:
         raise PrememError(f"the shards were rendered with template {index['template']!r} but the encoder is asked for "
                        f"{config.template!r}: pass --template to match or re-run `premem shard`")
-    encoder = config.load(device="cpu", dtype=None)
-    encoder_tokenizer = tokenizer_fingerprint(encoder.tokenizer)
+    info = config.describe()  # from the checkpoint files: the model itself is built only in the workers
+    encoder_tokenizer = info["tokenizer_fingerprint"]
     if encoder_tokenizer != index["tokenizer_fingerprint"]:
         raise PrememError(f"the shards in {shards_dir} were tokenized by another tokenizer (from {index['tokenizer']}, "
                        f"fingerprint {index['tokenizer_fingerprint'][:12]}) than {config.checkpoint}'s "
                        f"({encoder_tokenizer[:12]}): re-run `premem shard --tokenizer {config.checkpoint}`")
-    fingerprint, info = encoder.fingerprint, encoder.info()
-    del encoder
+    fingerprint = info["fingerprint"]
     store = MemoryStore.create(
         store_path, rows=index["rows"], max_tokens=index["max_tokens"], d_model=info["d_model"], dtype=dtype,
         shard_size=index["shard_size"], fingerprint=fingerprint, encoder=info, codec=codec, token_chunk=token_chunk,
@@ -154,12 +151,12 @@ def _discard_bad_shards(store: MemoryStore) -> list[int]:
 
 
 def _retriever_record(config: RetrieverConfig, memory_fingerprint: str, d_model: int) -> dict:
-    """The manifest record of the retriever (loads a text retriever once, in the driver, for its fingerprint)."""
+    """The manifest record of the retriever (a text retriever's from its checkpoint files, no model built)."""
     if config.is_memory_mean:
         if config.window_words:
             raise InputError("--retriever-window-words needs a retriever checkpoint, not memory-mean")
         return memory_mean_info(memory_fingerprint, d_model)
-    return config.load_text_embedder().info()
+    return config.text_info()
 
 
 def prepare_store_embeddings(store, config: RetrieverConfig, memory_committed: set[int]) -> tuple[str, set[int]]:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError, safe_open
+
 from premem.storage.errors import CheckpointError, one_line
 
-__all__ = ["MINILM", "CheckpointError", "one_line", "resolve_checkpoint"]
+__all__ = ["MINILM", "CheckpointError", "hash_weights", "one_line", "resolve_checkpoint", "weight_names"]
 
 MINILM = "minilm"
 _COMPLETE = ".premem-complete"
@@ -45,6 +50,85 @@ def resolve_checkpoint(path: str) -> Path:
             f"checkpoint {path} has no config.json: pass a Hugging Face checkpoint directory (config.json + weights)"
         )
     return local
+
+
+# What transformers' from_pretrained looks for, in its order: one file, else a sharded index of files.
+_WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def weight_files(local: Path) -> list[Path]:
+    """The weight files from_pretrained would load from the checkpoint directory `local`."""
+    for single, index in _WEIGHT_FILES:
+        if (local / single).is_file():
+            return [local / single]
+        if (local / index).is_file():
+            try:
+                weight_map = json.loads((local / index).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"cannot load the weights of checkpoint {local} ({index}: {one_line(e)}): "
+                                      "copy the checkpoint again") from e
+            return [local / name for name in sorted(set(weight_map.values()))]
+    raise CheckpointError(f"cannot load the weights of checkpoint {local} (it has no model.safetensors or "
+                          "pytorch_model.bin): save the model into it with save_pretrained")
+
+
+def weight_names(local: Path) -> dict[str, Path]:
+    """Every stored tensor's name -> its file, read from the safetensors headers (a .bin is memory-mapped)."""
+    names: dict[str, Path] = {}
+    for file in weight_files(local):
+        with _open_weights(file) as weights:
+            names.update(dict.fromkeys(weights.keys(), file))
+    return names
+
+
+def hash_weights(local: Path, digest, names: dict[str, str]) -> None:
+    """Feed ``digest`` the tensors ``names`` maps to (canonical name -> stored name), in canonical-name order:
+    ``name:dtype:shape`` and the tensor's stored bytes.  Only those tensors are read and no model is built, so a
+    job driver computes the fingerprint a worker's loaded model has without holding the model."""
+    stored = weight_names(local)
+    missing = sorted(set(names.values()) - set(stored))
+    if missing:
+        raise CheckpointError(f"checkpoint {local} lacks weight {missing[0]}: pass a complete checkpoint")
+    by_file: dict[Path, list[str]] = {}
+    for name in names.values():
+        by_file.setdefault(stored[name], []).append(name)
+    tensors = {}
+    for file, wanted in by_file.items():
+        with _open_weights(file) as weights:
+            tensors.update((name, weights.get_tensor(name)) for name in wanted)
+    for canonical in sorted(names):
+        tensor = tensors[names[canonical]].contiguous()
+        digest.update(f"{canonical}:{str(tensor.dtype).removeprefix('torch.')}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
+class _TorchWeights:
+    """A torch .bin state dict, memory-mapped, with safetensors' safe_open interface (keys, get_tensor)."""
+
+    def __init__(self, file: Path) -> None:
+        self.state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+    def __enter__(self) -> _TorchWeights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.state = None
+
+    def keys(self):
+        return self.state.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+def _open_weights(file: Path):
+    try:
+        if file.suffix == ".safetensors":
+            return safe_open(str(file), framework="pt")
+        return _TorchWeights(file)
+    except (OSError, RuntimeError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"cannot load the weights of checkpoint {file.parent} ({file.name}: {one_line(e)}): "
+                              "copy the checkpoint again") from e
 
 
 def _minilm_dir() -> Path:

@@ -26,7 +26,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from .checkpoint import CheckpointError, one_line, resolve_checkpoint
+from .checkpoint import CheckpointError, hash_weights, one_line, resolve_checkpoint, weight_names
 
 DEFAULT_TEMPLATE = "title: {title} context: {text}"
 
@@ -135,15 +135,14 @@ class MemoryEncoder(nn.Module):
 
         Give exactly one of `memory_layers` (K) or `live_fraction` (α, K = round((1 - α) · L)).
         """
-        check_template(template)
         local = resolve_checkpoint(path)
         tokenizer = load_tokenizer_dir(local)
+        # The same function the job driver calls: a worker's model has exactly the fingerprint the driver expects.
+        info = memory_encoder_info(path, memory_layers=memory_layers, live_fraction=live_fraction, template=template,
+                                   tokenizer=tokenizer)
         model, arch = load_encoder_dir(local)
         layers = _encoder_layers(model)
-        k = resolve_memory_layers(memory_layers, live_fraction, len(layers))
-        tokenizer_hash = tokenizer_fingerprint(tokenizer)
-        # Hashed before trimming and casting, so it sees the checkpoint's own fp32 values.
-        fingerprint = _fingerprint(model, arch, k, tokenizer_hash, template)
+        k = info["memory_layers"]
         if arch == "t5":
             embed: nn.Module = nn.Sequential(model.shared, model.encoder.dropout)
             stack = LayerStack(layers[:k], _T5PositionBias(layers[0].layer[0].SelfAttention))
@@ -157,10 +156,10 @@ class MemoryEncoder(nn.Module):
             num_layers=len(layers),
             d_model=model.config.hidden_size,
             tokenizer=tokenizer,
-            tokenizer_hash=tokenizer_hash,
+            tokenizer_hash=info["tokenizer_fingerprint"],
             template=template,
             checkpoint=path,
-            fingerprint=fingerprint,
+            fingerprint=info["fingerprint"],
         )
         return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -403,23 +402,82 @@ def render_passage(template: str, title: str, text: str) -> str:
         raise
 
 
-def _fingerprint(model: PreTrainedModel, arch: str, memory_layers: int, tokenizer_hash: str, template: str) -> str:
-    """sha256 of everything that determines the memory: config, tokenizer, template and the weights it uses."""
+def memory_encoder_info(
+    path: str,
+    *,
+    memory_layers: int | None = None,
+    live_fraction: float | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> dict[str, Any]:
+    """``MemoryEncoder.from_pretrained(...).info()`` read from the checkpoint's config, tokenizer and weight files,
+    without building the model: a job driver learns the fingerprint its workers' models will have."""
+    check_template(template)
+    local = resolve_checkpoint(path)
+    arch, config = encoder_arch(local), load_config(local)
+    num_layers = int(config.num_layers if arch == "t5" else config.num_hidden_layers)
+    k = resolve_memory_layers(memory_layers, live_fraction, num_layers)
+    tokenizer_hash = tokenizer_fingerprint(tokenizer or load_tokenizer_dir(local))
     header = {
         "arch": arch,
-        "model_type": model.config.model_type,
-        "memory_layers": memory_layers,
-        "config": {name: getattr(model.config, name, None) for name in _HASHED_CONFIG[arch]},
+        "model_type": config.model_type,
+        "memory_layers": k,
+        "config": {name: getattr(config, name, None) for name in _HASHED_CONFIG[arch]},
         "tokenizer": tokenizer_hash,
         "template": template,
     }
     digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
-    for name, param in model.named_parameters():  # tied weights (T5 shared/embed_tokens) are listed once
-        if _used_by_memory(name, memory_layers):
-            values = param.detach().to(device="cpu", dtype=torch.float32).contiguous()
-            digest.update(f"{name}:float32:{tuple(values.shape)}".encode())
-            digest.update(values.numpy().data)
-    return digest.hexdigest()
+    used = {name: stored for name, stored in encoder_weight_names(local, arch, num_layers).items()
+            if _used_by_memory(name, k)}
+    hash_weights(local, digest, used)
+    return {
+        "checkpoint": path,
+        "arch": arch,
+        "model_type": config.model_type,
+        "num_layers": num_layers,
+        "memory_layers": k,
+        "d_model": int(config.hidden_size),
+        "template": template,
+        "tokenizer_fingerprint": tokenizer_hash,
+        "fingerprint": digest.hexdigest(),
+    }
+
+
+def encoder_arch(local: Path) -> str:
+    """"t5" or "bert": how premem runs the checkpoint at `local` (a clear error for any other model type)."""
+    return _ARCH[_model_type(local)]
+
+
+def load_config(local: Path):
+    """The checkpoint's transformers config (no weights)."""
+    try:
+        return AutoConfig.from_pretrained(local, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the config of checkpoint {local} ({one_line(e)}): copy the checkpoint again") from e
+
+
+def encoder_weight_names(local: Path, arch: str, num_layers: int) -> dict[str, str]:
+    """The encoder's parameters as T5EncoderModel / BertModel name them -> the names the checkpoint stores them under.
+
+    A full T5 checkpoint also holds a decoder, a BERT task checkpoint prefixes ``bert.``; the BERT pooler and
+    position-id buffer are never used.  Refuses a checkpoint that lacks the embeddings or one of the layers.
+    """
+    stored = weight_names(local)
+    names: dict[str, str] = {}
+    for name in stored:
+        canonical = name.removeprefix("bert.") if arch == "bert" else name
+        if canonical == "encoder.embed_tokens.weight":  # T5's tied alias of shared.weight
+            if "shared.weight" in stored:
+                continue
+            canonical = "shared.weight"
+        if canonical.startswith(("shared.", "embeddings.", "encoder.")) and not canonical.endswith("position_ids"):
+            names[canonical] = name
+    embedding = "shared.weight" if arch == "t5" else "embeddings.word_embeddings.weight"
+    layers = {int(m.group(1)) for m in map(_LAYER_PARAM.match, names) if m}
+    lacking = [embedding] if embedding not in names else [f"layer {i}" for i in range(num_layers) if i not in layers]
+    if lacking:
+        raise CheckpointError(f"checkpoint {local} lacks encoder weights ({lacking[0]}): pass a complete checkpoint")
+    return names
 
 
 def _used_by_memory(parameter: str, memory_layers: int) -> bool:

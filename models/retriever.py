@@ -26,10 +26,13 @@ import torch
 from premem.storage.errors import CheckpointError, FingerprintMismatch, InputError, RetrievalError
 from premem.storage.tensors import pad_sequences
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint import hash_weights, resolve_checkpoint
 from .encoder import (
     MemoryEncoder,
     check_template,
+    encoder_arch,
+    encoder_weight_names,
+    load_config,
     load_encoder_dir,
     load_tokenizer_dir,
     token_budget_batches,
@@ -58,6 +61,11 @@ class RetrieverConfig:
     @property
     def is_memory_mean(self) -> bool:
         return self.name == MEMORY_MEAN
+
+    def text_info(self) -> dict[str, Any]:
+        """The manifest record of this text retriever, from its checkpoint files (no model is built)."""
+        return text_retriever_info(self.name, pooling=self.pooling, max_length=self.max_length,
+                                   template=self.template, window_words=self.window_words)
 
     def load_text_embedder(self, device: str = "cpu") -> TextEmbedder:
         if self.is_memory_mean:
@@ -150,17 +158,12 @@ class TextEmbedder:
                         device: str = "cpu", compute_dtype: str = "float32") -> TextEmbedder:
         local = resolve_checkpoint(path)
         tokenizer = load_tokenizer_dir(local)
+        # The function the job driver calls: the loaded model has exactly the fingerprint the driver recorded.
+        info = text_retriever_info(path, pooling=pooling, max_length=max_length, template=template,
+                                   window_words=window_words, tokenizer=tokenizer)
         model, _arch = load_encoder_dir(local)
-        pooling = _resolve_pooling(local, pooling)
-        max_length = _resolve_max_length(local, tokenizer, max_length)
-        check_template(template, "retriever template")
-        if window_words < 0:
-            raise CheckpointError(f"--retriever-window-words must be 0 (one vector per passage) or positive, "
-                                  f"got {window_words}")
-        fingerprint = _text_fingerprint(model, tokenizer_fingerprint(tokenizer), pooling, max_length, template,
-                                        window_words)
-        return cls(model.to(device).requires_grad_(False), tokenizer, checkpoint=path, pooling=pooling,
-                   max_length=max_length, template=template, fingerprint=fingerprint, device=device,
+        return cls(model.to(device).requires_grad_(False), tokenizer, checkpoint=path, pooling=info["pooling"],
+                   max_length=info["max_length"], template=template, fingerprint=info["fingerprint"], device=device,
                    window_words=window_words, compute_dtype=compute_dtype)
 
     def render(self, title: str | None, text: str) -> str:
@@ -274,21 +277,30 @@ def _resolve_max_length(local: Path, tokenizer, max_length: int | None) -> int:
     return int(limit) if limit and limit < 100_000 else 512
 
 
-def _text_fingerprint(model, tokenizer_hash: str, pooling: str, max_length: int, template: str,
-                      window_words: int = 0) -> str:
-    """sha256 of the weights, tokenizer, pooling, max length, template and windows: what decides the vectors."""
-    header = {"kind": "checkpoint", "model_type": model.config.model_type, "tokenizer": tokenizer_hash,
+def text_retriever_info(path: str, *, pooling: str = "auto", max_length: int | None = None,
+                        template: str = DEFAULT_PASSAGE_TEMPLATE, window_words: int = 0,
+                        tokenizer=None) -> dict[str, Any]:
+    """``TextEmbedder.info()`` read from the checkpoint's files without building the model (the job driver's
+    record).  The fingerprint hashes the weights, tokenizer, pooling, max length, template and windows."""
+    local = resolve_checkpoint(path)
+    tokenizer = tokenizer or load_tokenizer_dir(local)
+    pooling = _resolve_pooling(local, pooling)
+    max_length = _resolve_max_length(local, tokenizer, max_length)
+    check_template(template, "retriever template")
+    if window_words < 0:
+        raise CheckpointError(f"--retriever-window-words must be 0 (one vector per passage) or positive, "
+                              f"got {window_words}")
+    arch, config = encoder_arch(local), load_config(local)
+    num_layers = int(config.num_layers if arch == "t5" else config.num_hidden_layers)
+    header = {"kind": "checkpoint", "model_type": config.model_type, "tokenizer": tokenizer_fingerprint(tokenizer),
               "pooling": pooling, "max_length": max_length, "template": template, "normalized": True}
     if window_words:
         header["window_words"] = window_words
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    for name, param in model.named_parameters():
-        if name.startswith("pooler."):
-            continue
-        values = param.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(values.shape)}".encode())
-        digest.update(values.numpy().data)
-    return digest.hexdigest()
+    hash_weights(local, digest, encoder_weight_names(local, arch, num_layers))
+    return {"kind": "checkpoint", "checkpoint": path, "pooling": pooling, "max_length": max_length,
+            "truncation": "right", "template": template, "normalized": True, "dim": int(config.hidden_size),
+            "window_words": window_words, "fingerprint": digest.hexdigest()}
 
 
 def text_embedder(record: dict, name: str | None = None, device: str = "cpu") -> TextEmbedder:

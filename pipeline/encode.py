@@ -57,6 +57,13 @@ class EncoderConfig:
         native_bf16 = self.resolved_device().startswith("cuda") or cpu_has_native_bf16()
         return torch.bfloat16 if native_bf16 else torch.float32
 
+    def describe(self) -> dict:
+        """The encoder's manifest record and fingerprint from its checkpoint files: the driver never builds the model."""
+        from premem.models.encoder import memory_encoder_info
+
+        return memory_encoder_info(self.checkpoint, memory_layers=self.memory_layers, live_fraction=self.live_fraction,
+                                   template=self.template)
+
     def load(self, device: str | None = None, dtype: torch.dtype | None = None):
         from premem.models import MemoryEncoder
 
