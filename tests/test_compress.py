@@ -199,7 +199,7 @@ def test_checkpoint_config_must_match_weights(compressed, tmp_path):
         load_checkpoint(ckpt)
     cfg["d_ff"], cfg["L"] = 64, 5
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="mix_long"):
+    with pytest.raises(CheckpointError, match=r"memory\.mix"):
         load_checkpoint(ckpt)
     cfg["L"], cfg["bogus"] = 2, 1
     (ckpt / "config.json").write_text(json.dumps(cfg))

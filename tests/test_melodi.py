@@ -186,7 +186,7 @@ def test_gate_shape_and_effect():
     m = model()
     lt = m.layers[1]
     assert lt.long_term and not m.layers[0].long_term and not m.layers[2].long_term
-    assert lt.gate.shape == (4, 8) and lt.gate_alpha().shape == (4, 8)
+    assert lt.memory.gate.shape == (4, 8) and lt.memory.gate_alpha().shape == (4, 8)
     t = tokens(2)
     st = m.initial_state(2)
     st_rand = MelodiState(st.z, torch.randn_like(st.fifo), st.n_valid)
@@ -194,7 +194,7 @@ def test_gate_shape_and_effect():
     b, _ = m(t, st_rand)
     assert not torch.allclose(a, b)  # the FIFO is read
     with torch.no_grad():
-        lt.gate.fill_(100.0)  # sigma(g) = 1: all self-attention
+        lt.memory.gate.fill_(100.0)  # sigma(g) = 1: all self-attention
     a, _ = m(t, st)
     b, _ = m(t, st_rand)
     assert torch.allclose(a, b, atol=ATOL)
@@ -295,7 +295,7 @@ def test_forward_until_long_term_matches_full_forward():
 def test_no_long_term_ablation_ignores_fifo():
     m = model(use_long_term=False)
     assert not any(layer.long_term for layer in m.layers)
-    assert not any(n.endswith("gate") or ".mix_long." in n for n, _ in m.named_parameters())
+    assert not any(".memory." in n for n, _ in m.named_parameters())
     t = tokens(2)
     st = m.initial_state(2)
     st_rand = MelodiState(st.z, torch.randn_like(st.fifo), st.n_valid)
@@ -355,8 +355,8 @@ def test_gradient_paths_short_term_branch_and_window_local():
     m = model()
     logits, _ = m(t)
     logits[:, 8:16].square().sum().backward()  # window 1 only: window 0's mixers matter through the recurrence
-    for name in ("layers.0.mix_short.lin.weight", "layers.1.mix_long.lin.weight", "layers.0.mix_summary.lin.weight",
-                 "layers.1.gate", "summary"):
+    for name in ("layers.0.mix_short.lin.weight", "layers.1.memory.mix.lin.weight", "layers.0.mix_summary.lin.weight",
+                 "layers.1.memory.gate", "summary"):
         assert m.get_parameter(name).grad.abs().sum() > 0, name
     assert m.layers[2].mix_short.lin.weight.grad.abs().sum() > 0
 
@@ -369,3 +369,50 @@ def test_advance_matches_forward_state():
     assert torch.equal(incs_a, incs) and torch.equal(st_a.z, st.z) and torch.equal(st_a.fifo, st.fifo)
     incs_l, st_l = m.advance(t, full_state=False)
     assert torch.equal(incs_l, incs) and torch.equal(st_l.z[2], torch.zeros_like(st.z[2]))  # upper z not run
+
+
+# ------------------------------------------------------------------------------- reference departures, fixed
+
+
+def test_attention_scale_is_absolute_and_configurable():
+    """The temperature is |scale| (a scale learned negative still sharpens, as in the reference); its start value
+    is a config field (the reference's 1 by default)."""
+    m = model()
+    t = tokens(2)
+    a, _ = m(t)
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.attn.scale.neg_()
+    b, _ = m(t)
+    assert torch.allclose(a, b, atol=ATOL)
+    assert all(torch.equal(layer.attn.scale.detach(), torch.ones(4)) for layer in model().layers)
+    assert all(torch.equal(layer.attn.scale.detach(), torch.full((4,), 6.0)) for layer in model(attn_scale_init=6.0).layers)
+
+
+def test_relative_bias_init_is_flax_default_scale():
+    """flax's default embedding init over the [heads, buckets] table: std 1/sqrt(buckets) (~0.18 for 32), not 1."""
+    torch.manual_seed(0)
+    m = MelodiLM(MelodiConfig.named("base", num_layers=4, long_term_layer=2, d_model=64, num_heads=8, d_ff=64,
+                                       vocab_size=61, W=16, S=4, Su=4, L=2))
+    w = torch.cat([layer.attn.rel_bias.weight.flatten() for layer in m.layers])
+    assert w.numel() == 4 * 32 * 8
+    assert 0.15 < float(w.std()) < 0.21
+
+
+def test_fifo_spans_64k_tokens_whatever_the_window():
+    """Q_max of the named settings follows the window: 128 x 512 = 64 x 1024 = 32 x 2048 tokens, which gives the
+    paper's memory figures for the longer windows (S512+L256 at W=2048: 23.1M)."""
+    assert MelodiConfig.named("base").Q_max == 128
+    assert MelodiConfig.named("base", W=1024).Q_max == 64
+    big = MelodiConfig.named("S512+L256", W=2048)
+    assert big.Q_max == 32 and big.memory_accounting().paper_millions() == (6.3, 16.8, 23.1)
+    assert MelodiConfig.named("base", W=1024, Q_max=7).Q_max == 7  # an explicit Q_max wins
+
+
+def test_long_term_layer_mixes_its_summary_without_short_term_memory():
+    """With S = 0 the reference's long-term layer still mixes its summary tokens (the short-term layers do not)."""
+    m = model(S=0)
+    assert m.layers[1].mix_summary is not None and m.layers[1].mix_short is None
+    assert m.layers[0].mix_summary is None and m.layers[2].mix_summary is None
+    logits, st = m(tokens(3))
+    assert logits.shape == (2, 24, 61) and st.z.shape == (3, 2, 0, 32)
