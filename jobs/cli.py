@@ -22,6 +22,7 @@ from premem.jobs.clitools import (
     quiet_beam,
     run_job,
 )
+from premem.jobs.quantize import echo_quantize, quantize_options, quantize_request
 
 _HINTS = "premem.summary_hints"  # ctx.meta key: False when a command runs inside `premem demo`
 
@@ -110,10 +111,11 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
 @click.option("--retriever-window-words", type=int, default=0, show_default=True,
               help="> 0: one retrieval vector per window of this many words (stride half), a row scored by its "
                    "best window; finds short quotes far better than one vector per passage.")
+@quantize_options
 @click.pass_context
 def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, dtype, compute_dtype, device,
            tokens_per_batch, codec, token_chunk, zstd_level, progress, repair, force_unlock, retriever, retriever_pooling,
-           retriever_max_length, retriever_window_words):
+           retriever_max_length, retriever_window_words, quantize, pq_bytes, pq_factory, quantize_seed, codebook_tokens):
     """Encode the passage SHARDS into a memory STORE with the first K layers of an encoder."""
     from premem.jobs.run import run_encode
     from premem.pipeline.encode import EncoderConfig
@@ -129,7 +131,8 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
     with ProgressBar(progress) as report:
         summary = run_job(run_encode, shards, store, config, dtype=dtype, codec=codec, token_chunk=token_chunk,
                           zstd_level=zstd_level, pipeline_args=ctx.args, progress=report, repair=repair,
-                          force_unlock=force_unlock, retriever=retriever_config)
+                          force_unlock=force_unlock, retriever=retriever_config,
+                          quantize=quantize_request(quantize, pq_bytes, pq_factory, quantize_seed, codebook_tokens))
     run = summary["run"]
     if run.get("lease_taken_over"):
         click.echo(f"took over the writer lease of a dead job ({run['lease_taken_over']})")
@@ -192,9 +195,11 @@ def _echo_summary(s: dict, hints: bool = True) -> None:
     click.echo(f"tokens:   {s['tokens']} (max {s['max_tokens']} per passage), d={s['d_model']}, {s['dtype']}")
     on_disk = s.get("memory_bytes_on_disk")
     click.echo(f"bytes:    {s['logical_bytes'] / 2**20:.1f} MiB of real tokens "
-               f"({s['logical_bytes_per_token']} B/token in {s['dtype']})"
+               f"({s['logical_bytes_per_token']} B/token in "
+               f"{s['quantize']['codec'] + ' codes' if s.get('quantize') else s['dtype']})"
                + (f", memory {on_disk / 2**20:.1f} MiB on disk ({s['bytes_per_token']:.0f} B/token incl. padding, "
                   f"codec {s.get('codec', 'zstd')})" if on_disk else ""))
+    echo_quantize(s)
     click.echo(f"encoder:  {enc.get('checkpoint')} ({enc.get('arch')}, layers [0, {enc.get('memory_layers')}) "
                f"of {enc.get('num_layers')}), fingerprint {s['fingerprint'][:16]}")
     emb = s.get("embeddings")
@@ -280,6 +285,9 @@ from premem.jobs.lumen_cli import lumen_demo_command, train_lumen_command  # noq
 
 main.add_command(train_lumen_command)
 main.add_command(lumen_demo_command)
+from premem.jobs.quantize import quantize_command  # noqa: E402
+
+main.add_command(quantize_command)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def run_shard(inputs: list[str], out_dir: str, config: ShardConfig, pipeline_arg
 def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype: str = "bfloat16",
                codec: str = "raw", token_chunk: int = 32, zstd_level: int = 1, pipeline_args: list[str] | None = None,
                progress: Callable[[int, int], None] | None = None, repair: bool = False,
-               force_unlock: bool = False, lease_ttl: float | None = None, retriever=None) -> dict:
+               force_unlock: bool = False, lease_ttl: float | None = None, retriever=None, quantize=None) -> dict:
     """Passage shards -> committed memory store; returns the store summary.
 
     Shards already committed in the store (same encoder fingerprint) are
@@ -61,12 +61,19 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
     runs (a second writer is refused); `repair` first verifies every chunk and
     redoes the shards that fail.
     """
+    codebook = None  # `quantize` (storage.quantize.QuantizeConfig): codebook trained before anything is written
+    if quantize is not None and quantize.enabled:
+        from premem.pipeline.quantize import encoder_sample, prepare_codec
+
+        index = read_index(shards_dir)
+        codebook = prepare_codec(store_path, config.describe()["d_model"], quantize,
+                                 lambda spec: encoder_sample(shards_dir, index, config, spec, dtype))
     lease = StoreLease(store_path, job="premem encode", ttl=lease_ttl or DEFAULT_TTL, force=force_unlock)
     with lease:
         summary = _run_encode(shards_dir, store_path, config, dtype=dtype, codec=codec, token_chunk=token_chunk,
                               zstd_level=zstd_level,
                               pipeline_args=pipeline_args, progress=progress, repair=repair, lease=lease,
-                              retriever=retriever)
+                              retriever=retriever, codebook=codebook)
     if lease.taken_over is not None:
         summary["run"]["lease_taken_over"] = lease.taken_over.describe()
     return summary
@@ -75,7 +82,7 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
 def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype: str, codec: str,
                 token_chunk: int, zstd_level: int,
                 pipeline_args: list[str] | None, progress: Callable[[int, int], None] | None, repair: bool,
-                lease, retriever=None) -> dict:
+                lease, retriever=None, codebook: tuple | None = None) -> dict:
     index = read_index(shards_dir)
     if index["rows"] == 0:
         raise PrememError(f"{shards_dir} holds no passages (all {index['records']['input']} input records were "
@@ -96,7 +103,10 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
         zstd_level=zstd_level,
         extra={"shards_dir": shards_dir, "records": index["records"], "passage_words": _passage_words(index),
                "compute_dtype": config.compute_dtype},
+        quantize=codebook and codebook[0],
     )
+    if codebook and codebook[1]:  # trained now: stored before any shard is written
+        store.set_codec(*codebook[1])
     repaired = _discard_bad_shards(store) if repair else []
     committed = store.committed_shards()
     todo = [entry for entry in index["shards"] if entry["shard"] not in committed]

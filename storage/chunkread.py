@@ -71,7 +71,7 @@ class RawLayout:
             inner = conf["chunk_shape"]
             names = [(c["name"], (c.get("configuration") or {}).get("endian", "little")) for c in conf["codecs"]]
             index = [(c["name"], (c.get("configuration") or {}).get("endian", "little")) for c in conf["index_codecs"]]
-            itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}[meta["data_type"]]
+            itemsize = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1}[meta["data_type"]]
             ok = (codec["name"] == "sharding_indexed" and conf.get("index_location", "end") == "end"
                   and names == [("bytes", "little"), ("crc32c", "little")] and index == names
                   and len(outer) == 3 and inner[0] == 1 and inner[2] == outer[2] == meta["shape"][2]

@@ -14,6 +14,10 @@ This is the only module that spells a key.  A LUMEN memory store (``premem encod
     locks/writer.json               the writer lease of the job writing the store
     failed-shards.jsonl             shards the last encode job could not read, with the reason
 
+A quantized store (``--quantize int8|pq``) holds ``codes/`` ([rows, P, code bytes], int8 or uint8, sharded like
+memory/) instead of ``memory/``, ``scales/`` (float16 [rows, P], int8 only) and ``codebook.faiss`` (pq: the
+trained faiss codec, its sha256 in the manifest); storage/quantize.py.
+
 A MELODI long-term store (``premem compress``) has the same manifest, lease, meta/ and commits/ keys, plus
 ``plan.json``, ``shards/00000/{increments,end_z}/`` and ``rejects.jsonl``.
 """
@@ -38,6 +42,9 @@ COMMITS = "commits/"
 EMBEDDING_COMMITS = "embedding-commits/"
 META = "meta/"
 CODECS = ("raw", "zstd")
+CODES = "codes"
+SCALES = "scales"
+CODEBOOK = "codebook.faiss"
 TOKEN_CHUNK = 32  # tokens per inner chunk: a read wastes < T tokens per passage, the shard index costs 16 B per chunk
 
 # faiss index files

@@ -41,18 +41,16 @@ _META_CACHE_SHARDS = 4
 class MemoryBatch:
     """Stored memory of a batch of passages, trimmed to the longest passage in the batch."""
 
-    states: torch.Tensor  # [B, P_max, d] in the stored dtype; zeros past each length
+    states: torch.Tensor | None  # [B, P_max, d] in the stored dtype; zeros past each length (None: decode=False)
     mask: torch.Tensor  # bool [B, P_max], True on real tokens (arange(P_max) < length)
     lengths: torch.Tensor  # int64 [B]
     rows: torch.Tensor  # int64 [B]
+    codes: torch.Tensor | None = None  # read(decode=False) of a quantized store: [B, P_max, code bytes]
+    scales: torch.Tensor | None = None  # int8 codes: float16 [B, P_max]
 
     def to(self, device, non_blocking: bool = False) -> MemoryBatch:
-        return MemoryBatch(
-            states=self.states.to(device, non_blocking=non_blocking),
-            mask=self.mask.to(device, non_blocking=non_blocking),
-            lengths=self.lengths.to(device, non_blocking=non_blocking),
-            rows=self.rows.to(device, non_blocking=non_blocking),
-        )
+        return MemoryBatch(**{k: None if v is None else v.to(device, non_blocking=non_blocking)
+                              for k, v in vars(self).items()})
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -66,6 +64,12 @@ def open_store(path: str | os.PathLike, *, expected_fingerprint: str | None = No
     cls = LongTermStore if manifest.get("kind") == layout.LONGTERM_KIND else MemoryStore
     return cls.open(path, expected_fingerprint=expected_fingerprint, read_only=read_only, lease_token=lease_token,
                     **kwargs)
+
+
+def _memory_fingerprint(manifest: dict) -> str:
+    q = manifest.get("quantize")
+    return str(q.get("fingerprint") or f"{manifest['fingerprint']}+{q['codec']}-untrained") if q else \
+        str(manifest["fingerprint"])
 
 
 def _read_manifest(path: str | os.PathLike, fix: str) -> tuple[str, dict]:
@@ -150,11 +154,13 @@ class MemoryStore(StoreHandle):
         token_chunk: int = layout.TOKEN_CHUNK,
         zstd_level: int = 1,
         extra: dict | None = None,
+        quantize: dict | None = None,
     ) -> MemoryStore:
         """Create a store (complete=False), or reopen it for resuming if it already holds the same encoder's memory.
 
         ``codec``: "raw" (bytes + crc32c: ~1.07x the real tokens' bytes on disk, fastest to read) or "zstd"
         (smaller on disk, e.g. for buckets; every read decompresses).  ``token_chunk``: tokens per inner chunk.
+        ``quantize``: a storage.quantize spec (QuantizeConfig.resolve): the store holds codes instead of states.
         """
         path = kv.normalize_path(path)
         kv.check_not_a_file(path)
@@ -179,19 +185,28 @@ class MemoryStore(StoreHandle):
         res = kv.read(store_kv, layout.MANIFEST, path)
         if res.state == "value":
             return cls._resume(path, kv.parse_json(res.value, f"{path}/{layout.MANIFEST}"), rows, max_tokens, d_model,
-                               dtype, shard_size, fingerprint, codec, token_chunk)
+                               dtype, shard_size, fingerprint, codec, token_chunk, quantize)
 
         # Fresh store.  Stale pieces of an earlier attempt that never got a manifest are removed.
-        for prefix in (layout.COMMITS, layout.META, layout.array_prefix(layout.MEMORY), layout.array_prefix(layout.LENGTHS)):
+        for prefix in (layout.COMMITS, layout.META, layout.array_prefix(layout.MEMORY), layout.array_prefix(layout.LENGTHS),
+                       layout.array_prefix(layout.CODES), layout.array_prefix(layout.SCALES), layout.CODEBOOK):
             kv.delete_prefix(store_kv, prefix, path)
-        mem_chunks = [shard_size, tokens_per_shard, d_model]
-        mem_codecs = layout.memory_codecs(token_chunk, d_model, codec, zstd_level)
+        width = int(quantize["code_width"]) if quantize else d_model
+        mem_chunks = [shard_size, tokens_per_shard, width]
+        mem_codecs = layout.memory_codecs(token_chunk, width, codec, zstd_level)
         len_codecs = layout.chunk_codecs(zstd_level)
         try:
-            ts.open(layout.zarr_spec(kv.kvstore_spec(path, layout.array_prefix(layout.MEMORY)),
-                                     shape=[rows, max_tokens, d_model], dtype=dtype, chunk_shape=mem_chunks,
-                                     codecs=mem_codecs, dimension_names=["row", "token", "feature"]),
+            ts.open(layout.zarr_spec(kv.kvstore_spec(path, layout.array_prefix(layout.CODES if quantize else layout.MEMORY)),
+                                     shape=[rows, max_tokens, width], dtype=quantize["code_dtype"] if quantize else dtype,
+                                     chunk_shape=mem_chunks, codecs=mem_codecs,
+                                     dimension_names=["row", "token", "code" if quantize else "feature"]),
                     create=True, delete_existing=True).result()
+            if quantize and quantize["codec"] == "int8":  # one float16 scale per token
+                ts.open(layout.zarr_spec(kv.kvstore_spec(path, layout.array_prefix(layout.SCALES)),
+                                         shape=[rows, max_tokens], dtype="float16", chunk_shape=mem_chunks[:2],
+                                         codecs=layout.sharded_codecs([1, token_chunk], zstd_level if codec == "zstd" else None),
+                                         dimension_names=["row", "token"]),
+                        create=True, delete_existing=True).result()
             ts.open(layout.zarr_spec(kv.kvstore_spec(path, layout.array_prefix(layout.LENGTHS)), shape=[rows],
                                      dtype="int32", chunk_shape=[shard_size], codecs=len_codecs,
                                      dimension_names=["row"]),
@@ -226,16 +241,18 @@ class MemoryStore(StoreHandle):
             "complete": False,
             "extra": dict(extra or {}),
         }
+        if quantize:  # the codebook, its fidelity and the memory's fingerprint are set by set_codec
+            manifest["quantize"] = {**quantize, "codebook": None, "fidelity": None, "fingerprint": None}
         # Only one creator wins; a loser reopens what the winner wrote.
         gen = kv.write(store_kv, layout.MANIFEST, kv.dump_json(manifest), path, if_equal=res.stamp.generation)
         if not gen.generation:
             return cls._resume(path, kv.read_json(store_kv, layout.MANIFEST, path), rows, max_tokens, d_model, dtype,
-                               shard_size, fingerprint, codec, token_chunk)
+                               shard_size, fingerprint, codec, token_chunk, quantize)
         return cls(path, manifest, read_only=False)
 
     @classmethod
     def _resume(cls, path, manifest, rows, max_tokens, d_model, dtype, shard_size, fingerprint, codec,
-                token_chunk) -> MemoryStore:
+                token_chunk, quantize=None) -> MemoryStore:
         layout.check_manifest(manifest, path, layout.KIND)
         if manifest["fingerprint"] != fingerprint:
             enc = manifest.get("encoder") or {}
@@ -252,13 +269,17 @@ class MemoryStore(StoreHandle):
             chunk = stored["memory"]["inner_chunk_shape"][1]
             diff += [f"{k}={a!r} (this run: {b!r})" for k, a, b in (("codec", stored["name"], codec),
                                                                   ("token_chunk", chunk, token_chunk)) if a != b]
+        had = manifest.get("quantize") or {}
+        asked = quantize or {}
+        diff += [f"{k}={had.get(k)!r} (this run: {asked.get(k)!r})" for k in ("codec", "factory", "code_width")
+                 if had.get(k) != asked.get(k)]
         if diff:
             raise StoreError(
                 f"store {path} was created with {', '.join(diff)}: use another --store or delete {path}"
             )
         store = cls(path, manifest, read_only=False)
-        store.array(layout.MEMORY)
-        store.array(layout.LENGTHS)
+        for name in (*store.memory_arrays, layout.LENGTHS):
+            store.array(name)
         return store
 
     @classmethod
@@ -270,20 +291,32 @@ class MemoryStore(StoreHandle):
         read_only: bool = True,
         cache_bytes: int | None = None,
         lease_token: str | None = None,
+        accept_codec: str | bool | None = None,
     ) -> MemoryStore:
         """Open an existing store (read-only by default).
 
         ``cache_bytes``: TensorStore cache of a read-only store (shard indexes + recently read passages),
         default 256 MiB.  Committed shards never change, so cached data is never revalidated.
         ``lease_token``: the writer lease (taken by the job) that every commit through this handle checks first.
+        ``accept_codec``: a reader given the unquantized encoder's fingerprint reads a quantized store only when it
+        accepts that codec ("int8", "pq" or True: any); a writer (read_only=False) is the job writing that store.
         """
         path, manifest = _read_manifest(path, "run `premem encode` first")
         layout.check_manifest(manifest, path, layout.KIND)
-        if expected_fingerprint is not None and manifest["fingerprint"] != expected_fingerprint:
-            raise FingerprintMismatch(
-                f"store {path} holds memory of encoder {manifest['fingerprint'][:12]}, expected encoder "
-                f"{expected_fingerprint[:12]}: use the store encoded with this encoder or re-encode with `premem encode`"
-            )
+        quant = manifest.get("quantize")
+        if expected_fingerprint is not None and expected_fingerprint != _memory_fingerprint(manifest):
+            if not (quant and expected_fingerprint == manifest["fingerprint"]):
+                raise FingerprintMismatch(
+                    f"store {path} holds memory of encoder {manifest['fingerprint'][:12]}, expected encoder "
+                    f"{expected_fingerprint[:12]}: use the store encoded with this encoder or re-encode with `premem encode`"
+                )
+            if read_only and accept_codec not in (True, quant["codec"]):  # the encoder's states, quantized
+                raise FingerprintMismatch(
+                    f"store {path} holds {quant['codec']}-quantized memory ({quant.get('factory') or 'int8'}, "
+                    f"{quant['bytes_per_token']} B/token) of encoder {expected_fingerprint[:12]}, not the encoder's "
+                    f"own states: accept the codec (accept_codec={quant['codec']!r}, --accept-codec {quant['codec']}) "
+                    f"or read an unquantized store"
+                )
         return cls(path, manifest, read_only=read_only, cache_bytes=cache_bytes, lease_token=lease_token)
 
     # --- properties ----------------------------------------------------------------------------
@@ -322,7 +355,71 @@ class MemoryStore(StoreHandle):
 
     @property
     def fingerprint(self) -> str:
+        """The memory's fingerprint: the encoder's, or for a quantized store the encoder's + codec + codebook."""
+        return _memory_fingerprint(self.manifest)
+
+    @property
+    def encoder_fingerprint(self) -> str:
         return str(self.manifest["fingerprint"])
+
+    @property
+    def quantize(self) -> dict | None:
+        """The manifest's quantization record (codec, factory, code width, codebook digest, fidelity), or None."""
+        q = self.manifest.get("quantize")
+        return dict(q) if q else None
+
+    @property
+    def memory_arrays(self) -> tuple[str, ...]:
+        """The arrays that hold the memory: memory/, or codes/ (+ scales/ for int8)."""
+        q = self.manifest.get("quantize")
+        if not q:
+            return (layout.MEMORY,)
+        return (layout.CODES, layout.SCALES) if q["codec"] == "int8" else (layout.CODES,)
+
+    @property
+    def codec(self):
+        """The store's codec (storage/quantize.py), loaded once per handle; its codebook checked against the manifest."""
+        return self.memo("codec", self._load_codec)
+
+    def _load_codec(self):
+        from premem.storage.quantize import codebook_digest, load_codec
+
+        q = self.quantize
+        if q is None:
+            raise StoreError(f"store {self.path} is not quantized: it holds states, read them with read()")
+        data = None
+        if q["codec"] != "int8":
+            fix = f"the codes cannot be decoded without it: delete {self.path} and encode (or quantize) it again"
+            if not q.get("codebook"):
+                raise StoreError(f"store {self.path} has no trained codebook yet (its quantized encode never got "
+                                 f"past training): resume `premem encode` or `premem quantize`")
+            res = self.read_key(layout.CODEBOOK)
+            if res.state != "value":
+                raise StoreError(f"store {self.path}: its codebook {layout.CODEBOOK} is missing: {fix}")
+            data = bytes(res.value)
+            if codebook_digest(data) != {k: q["codebook"][k] for k in ("bytes", "crc32c", "sha256")}:
+                raise StoreError(f"store {self.path}: its codebook {layout.CODEBOOK} is damaged (size or checksum "
+                                 f"differ from the manifest's): {fix}")
+        try:
+            return load_codec(q, data)
+        except Exception as e:
+            raise StoreError(f"store {self.path}: its codebook {layout.CODEBOOK} cannot be loaded ({one_line(e)})") from e
+
+    def set_codec(self, codec, fidelity: dict, sample: dict) -> None:
+        """Store a trained codec (the codebook before any shard is written) and the fingerprint that names it."""
+        from premem.storage.quantize import codebook_digest, memory_fingerprint
+
+        self.require_writable("store a codebook")
+        q = dict(self.manifest["quantize"])
+        digest = None
+        if q["codec"] != "int8":
+            data = codec.to_bytes()
+            self.write_key(layout.CODEBOOK, data)
+            digest = {"key": layout.CODEBOOK, **codebook_digest(data)}
+        q.update(codebook=digest, fidelity=fidelity, sample=sample,
+                 fingerprint=memory_fingerprint(self.encoder_fingerprint, q, digest and digest["sha256"]))
+        self.update_manifest("quantize", q)
+        self._memo.pop("codec", None)
 
     @property
     def encoder(self) -> dict:
@@ -387,13 +484,13 @@ class MemoryStore(StoreHandle):
     def shard_keys(self, shard: int) -> list[str]:
         """Every key that holds part of one shard's memory: data, lengths, metadata (not the commit marker)."""
         shard = self._check_shard(shard)
-        return [layout.chunk_key(layout.MEMORY, shard, 3), layout.chunk_key(layout.LENGTHS, shard, 1),
-                layout.meta_key(shard)]
+        return [*(layout.chunk_key(name, shard, 2 if name == layout.SCALES else 3) for name in self.memory_arrays),
+                layout.chunk_key(layout.LENGTHS, shard, 1), layout.meta_key(shard)]
 
     def partial_shards(self) -> set[int]:
         """Uncommitted shards that left data behind (a crash or failure before their commit marker)."""
         found: set[int] = set()
-        for name in (layout.MEMORY, layout.LENGTHS):
+        for name in (*self.memory_arrays, layout.LENGTHS):
             prefix = layout.array_prefix(name)
             found |= {s for key in kv.list_keys(self.kv, prefix, self.path)
                       if (s := layout.chunk_shard(name, prefix + key)) is not None}
@@ -521,22 +618,38 @@ class MemoryStore(StoreHandle):
         rows, shards = self._check_rows(rows)
         return self._lengths_np(rows, shards)
 
-    def read(self, rows: Any, *, device=None, non_blocking: bool = False, pin_memory: bool | None = None) -> MemoryBatch:
+    def read(self, rows: Any, *, device=None, non_blocking: bool = False, pin_memory: bool | None = None,
+             decode: bool = True) -> MemoryBatch:
         """Stored memory of ``rows`` (any order, duplicates allowed), trimmed to the batch's longest passage.
 
         For a CUDA ``device`` (or ``pin_memory=True``) the states are read into page-locked memory and copied from
-        there, ``non_blocking`` if asked."""
+        there, ``non_blocking`` if asked.  A quantized store's codes are moved to ``device`` and decoded there (in the
+        stored dtype, zeros past each length); ``decode=False`` returns the codes (+ scales) instead, with
+        ``store.codec`` to decode them."""
         rows, shards = self._check_rows(rows)
         lengths = self._lengths_np(rows, shards)
         p_max = int(lengths.max()) if len(rows) else 0
         dev = torch.device(device) if device is not None else None
         pin = (dev is not None and dev.type == "cuda") if pin_memory is None else bool(pin_memory)
-        states = self._read_states(rows, lengths, p_max, pin_memory=pin)
+        quant = self.manifest.get("quantize")
+        if quant:
+            tensors = [self._read_states(rows, lengths, p_max, pin_memory=pin, name=layout.CODES)]
+            if quant["codec"] == "int8":
+                tensors.append(np_to_torch(self._read_states_ts(rows, p_max, name=layout.SCALES)))
+        else:
+            tensors = [self._read_states(rows, lengths, p_max, pin_memory=pin)]
         lengths_t = torch.from_numpy(lengths.astype(np.int64))
         rows_t = torch.from_numpy(rows.copy())
         if dev is not None and dev.type != "cpu":
-            states, lengths_t, rows_t = (t.to(dev, non_blocking=non_blocking) for t in (states, lengths_t, rows_t))
+            tensors, lengths_t, rows_t = ([t.to(dev, non_blocking=non_blocking) for t in tensors],
+                                          *(t.to(dev, non_blocking=non_blocking) for t in (lengths_t, rows_t)))
         mask = torch.arange(p_max, device=lengths_t.device)[None, :] < lengths_t[:, None]
+        if not quant:
+            return MemoryBatch(states=tensors[0], mask=mask, lengths=lengths_t, rows=rows_t)
+        codes, scales = tensors[0], (tensors[1] if len(tensors) > 1 else None)
+        if not decode:
+            return MemoryBatch(states=None, mask=mask, lengths=lengths_t, rows=rows_t, codes=codes, scales=scales)
+        states = self.codec.decode(codes, scales, dtype=self.torch_dtype) * mask[..., None].to(self.torch_dtype)
         return MemoryBatch(states=states, mask=mask, lengths=lengths_t, rows=rows_t)
 
     def _raw_reader(self) -> RawChunkReader | None:
@@ -545,7 +658,7 @@ class MemoryStore(StoreHandle):
         if self._chunk_reader is False:
             self._chunk_reader = None
             if self.read_only and kv.is_local(self.path):
-                memory_dir = os.path.join(self.path, layout.MEMORY)
+                memory_dir = os.path.join(self.path, self.memory_arrays[0])
                 try:
                     with open(os.path.join(memory_dir, "zarr.json"), encoding="utf-8") as handle:
                         raw = RawLayout.from_zarr_json(json.load(handle))
@@ -555,31 +668,38 @@ class MemoryStore(StoreHandle):
                     self._chunk_reader = RawChunkReader(memory_dir, raw)
         return self._chunk_reader
 
-    def _read_states(self, rows: np.ndarray, lengths: np.ndarray, p_max: int, *, pin_memory: bool) -> torch.Tensor:
-        shape = (len(rows), p_max, self.d_model)
+    def _read_states(self, rows: np.ndarray, lengths: np.ndarray, p_max: int, *, pin_memory: bool,
+                     name: str = layout.MEMORY) -> torch.Tensor:
+        """[B, p_max, width] of array ``name``: memory/ (states) or codes/ (a quantized store's codes)."""
+        if name == layout.CODES:
+            width, np_dtype = int(self.manifest["quantize"]["code_width"]), np.dtype(self.manifest["quantize"]["code_dtype"])
+            torch_dtype = torch.int8 if np_dtype == np.int8 else torch.uint8
+        else:
+            width, np_dtype, torch_dtype = self.d_model, self.numpy_dtype, self.torch_dtype
+        shape = (len(rows), p_max, width)
         if len(rows) == 0 or p_max == 0:
-            return torch.zeros(shape, dtype=self.torch_dtype)
+            return torch.zeros(shape, dtype=torch_dtype)
         reader = self._raw_reader()
         if reader is not None:
             if pin_memory:
-                states = torch.empty(shape, dtype=self.torch_dtype, pin_memory=True)
+                states = torch.empty(shape, dtype=torch_dtype, pin_memory=True)
                 out = states.view(torch.uint8).numpy().reshape(len(rows), -1)
             else:  # a buffer no earlier batch uses any more, or a fresh numpy one (numpy asks for huge pages)
-                out = reader.buffers.take(len(rows) * p_max * self.d_model * self.numpy_dtype.itemsize)
+                out = reader.buffers.take(len(rows) * p_max * width * np_dtype.itemsize)
                 out = out.reshape(len(rows), -1)
-                states = torch.from_numpy(out).view(self.torch_dtype).view(shape)
+                states = torch.from_numpy(out).view(torch_dtype).view(shape)
             try:
                 reader.read_into(out, rows, lengths)
             except ChunkReadError as e:
                 raise self._unreadable(e.row, e, corrupt=e.corrupt) from e
             return states
-        states = np_to_torch(self._read_states_ts(rows, p_max))
+        states = np_to_torch(self._read_states_ts(rows, p_max, name=name))
         if pin_memory:
             states = states.pin_memory()
         return states
 
-    def _read_states_ts(self, rows: np.ndarray, p_max: int) -> np.ndarray:
-        arr = self.array(layout.MEMORY)
+    def _read_states_ts(self, rows: np.ndarray, p_max: int, name: str = layout.MEMORY) -> np.ndarray:
+        arr = self.array(name)
         try:
             return arr.oindex[rows, :p_max].read().result()
         except Exception:
@@ -599,7 +719,8 @@ class MemoryStore(StoreHandle):
         s = row // self.shard_size
         if corrupt:
             return StoreError(
-                f"store {self.path} is corrupt: row {row} (shard {s}, {layout.chunk_key(layout.MEMORY, s, 3)}) is unreadable "
+                f"store {self.path} is corrupt: row {row} (shard {s}, {layout.chunk_key(self.memory_arrays[0], s, 3)}) is "
+                f"unreadable "
                 f"({one_line(e)}): run `premem verify {self.path}`, then `premem encode ... --repair` "
                 f"re-encodes shard {s}"
             )
@@ -641,7 +762,7 @@ class MemoryStore(StoreHandle):
         disk = memory_disk = None
         if kv.is_local(self.path):
             disk = kv.dir_bytes(self.path)
-            memory_disk = kv.dir_bytes(os.path.join(self.path, layout.MEMORY))
+            memory_disk = sum(kv.dir_bytes(os.path.join(self.path, name)) for name in self.memory_arrays)
         return {
             "path": self.path,
             "rows": self.rows,
@@ -658,7 +779,9 @@ class MemoryStore(StoreHandle):
             "bytes_on_disk": disk,
             "memory_bytes_on_disk": memory_disk,
             "bytes_per_token": (memory_disk / tokens) if (memory_disk is not None and tokens) else None,
-            "logical_bytes_per_token": self.d_model * self.numpy_dtype.itemsize,
+            "logical_bytes_per_token": int(self.quantize["bytes_per_token"]) if self.quantize else
+            self.d_model * self.numpy_dtype.itemsize,
+            "quantize": self.quantize,
             "codec": (self.manifest.get("codec") or {}).get("name", "zstd"),  # stores before the raw codec: zstd
             "complete": len(markers) == self.num_shards,
             "encoder": self.encoder,

@@ -223,8 +223,10 @@ def verify_memory_store(path: str, manifest: dict, report: VerifyReport,
         report.add("manifest", f"num_shards={store.num_shards} does not match rows={store.rows} / "
                                f"shard_size={store.shard_size}", key=layout.MANIFEST)
         return set()
+    arrays = {*store.memory_arrays, layout.LENGTHS}
     if not _check_arrays(store, report):
-        return {layout.MEMORY, layout.LENGTHS}
+        return arrays
+    _check_codebook(store, report)
     committed = sorted(store.committed_shards())
     report.committed_shards = committed
     report.uncommitted_shards = sorted(set(range(store.num_shards)) - set(committed))
@@ -250,16 +252,30 @@ def verify_memory_store(path: str, manifest: dict, report: VerifyReport,
                      recorded=next((m for m in recorded if int(m["shard"]) == s), None))
         if progress is not None:
             progress(i + 1, len(committed))
-    return {layout.MEMORY, layout.LENGTHS}
+    return arrays
+
+
+def _check_codebook(store: MemoryStore, report: VerifyReport) -> None:
+    """A quantized store's codebook against the size and checksums in the manifest (its codes mean nothing without)."""
+    if store.quantize and store.quantize["codec"] != "int8":
+        try:
+            _ = store.codec
+            report.checked_arrays.append(layout.CODEBOOK)
+        except StoreError as e:
+            report.add("codebook", str(e), key=layout.CODEBOOK)
 
 
 def _check_arrays(store: MemoryStore, report: VerifyReport) -> bool:
     recorded = ((store.manifest.get("codec") or {}).get("memory") or {}).get("chunk_shape")
+    q = store.quantize
+    width, dtype = (int(q["code_width"]), q["code_dtype"]) if q else (store.d_model, store.dtype)
+    chunk = tuple(recorded or (store.shard_size, store.max_tokens, width))
     want = {
-        layout.MEMORY: ((store.rows, store.max_tokens, store.d_model), store.dtype,
-                        tuple(recorded or (store.shard_size, store.max_tokens, store.d_model))),
+        store.memory_arrays[0]: ((store.rows, store.max_tokens, width), dtype, chunk),
         layout.LENGTHS: ((store.rows,), "int32", (store.shard_size,)),
     }
+    if layout.SCALES in store.memory_arrays:
+        want[layout.SCALES] = ((store.rows, store.max_tokens), "float16", chunk[:2])
     ok = True
     for name, (shape, dtype, chunk) in want.items():
         try:
@@ -282,7 +298,6 @@ def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta:
                  recorded: dict | None = None) -> None:
     rng = store.shard_rows(s)
     rows = np.arange(rng.start, rng.stop)
-    mem_key = layout.chunk_key(layout.MEMORY, s, 3)
     len_key = layout.chunk_key(layout.LENGTHS, s, 1)
     try:
         marker = store.read_marker(s)
@@ -315,10 +330,19 @@ def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta:
         elif marker is not None and "tokens" in marker and int(lengths.sum()) != int(marker["tokens"]):
             report.add("lengths", f"lengths sum to {int(lengths.sum())} tokens, the commit marker says "
                                   f"{marker['tokens']}", shard=s, rows=rows, key=len_key)
-    # memory: every inner chunk (one per row) decoded, so crc32c checks every byte
-    per_row = store.max_tokens * store.d_model * store.numpy_dtype.itemsize
+    for name in store.memory_arrays:
+        _check_memory(store, name, s, lengths, report)
+    _check_meta(store, s, rows, lengths, report, need_meta=need_meta)
+
+
+def _check_memory(store: MemoryStore, name: str, s: int, lengths, report: VerifyReport) -> None:
+    """Every inner chunk (one per row) of array ``name`` (memory/, codes/, scales/) decoded: crc32c checks every
+    byte; zeros past each length, data within it."""
+    rng = store.shard_rows(s)
+    mem_key = layout.chunk_key(name, s, 2 if name == layout.SCALES else 3)
+    arr = store.array(name)
+    per_row = max(1, int(np.prod(arr.shape[1:])) * arr.dtype.numpy_dtype.itemsize)
     block = max(1, _BLOCK_BYTES // per_row)
-    arr = store.array(layout.MEMORY)
     for a in range(rng.start, rng.stop, block):
         b = min(a + block, rng.stop)
         try:
@@ -337,20 +361,22 @@ def _check_shard(store: MemoryStore, s: int, report: VerifyReport, *, need_meta:
             if not good:
                 continue
             data, good_rows = np.stack(data), np.asarray(good)
+        if data.ndim == 2:  # scales/: one value per token
+            data = data[..., None]
         token_chunk = int(arr.chunk_layout.read_chunk.shape[1])
         if lengths is not None:
             report.checked_chunks += int(np.sum(-(-lengths[good_rows - rng.start] // token_chunk)))
             _check_values(data, lengths[good_rows - rng.start], good_rows, s, mem_key, report, token_chunk)
         else:
             report.checked_chunks += len(good_rows) * -(-store.max_tokens // token_chunk)
-        report.checked_rows += len(good_rows)
-    _check_meta(store, s, rows, lengths, report, need_meta=need_meta)
+        if name == store.memory_arrays[0]:
+            report.checked_rows += len(good_rows)
 
 
 def _check_values(data: np.ndarray, lens: np.ndarray, rows: np.ndarray, s: int, key: str, report: VerifyReport,
                   token_chunk: int) -> None:
     """Zeros past each length (the writer pads with zeros) and data within it: a lost token chunk reads as zeros."""
-    bits = data.view(np.uint16 if data.dtype.itemsize == 2 else np.uint32) != 0
+    bits = (data.view(np.uint16 if data.dtype.itemsize == 2 else np.uint32) if data.dtype.itemsize > 1 else data) != 0
     tokens = bits.any(axis=2)  # [b, P]: token has any non-zero feature
     past = np.arange(data.shape[1])[None, :] >= lens[:, None]
     padded = (tokens & past).any(axis=1)

@@ -39,8 +39,10 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         if self._txn is not None or self._done:
             raise StoreError(f"a ShardWriter is single-use: call store.shard_writer({self.shard}) again")
+        # A quantized store's codec (its codebook checked once per handle) encodes the states here, in the writer.
+        self._codec = self.store.codec if self.store.quantize else None
         self._txn = ts.Transaction()
-        self._mem = self.store.array(layout.MEMORY, txn=self._txn)
+        self._arrays = {name: self.store.array(name, txn=self._txn) for name in self.store.memory_arrays}
         self._len = self.store.array(layout.LENGTHS, txn=self._txn)
         return self
 
@@ -80,18 +82,34 @@ class ShardWriter:
         # overwritten completely (no read-modify-write) and padding compresses to nothing.
         order = np.argsort(local, kind="stable")
         rows_w, lens_w = rows[order], lens[order]
-        full = np.zeros((b, st.max_tokens, st.d_model), dtype=st.numpy_dtype)
-        for j, i in enumerate(order.tolist()):
-            n = int(lens[i])
-            if n:
-                full[j, :n] = x[i, :n]
+        if self._codec is None:
+            full = {layout.MEMORY: np.zeros((b, st.max_tokens, st.d_model), dtype=st.numpy_dtype)}
+            for j, i in enumerate(order.tolist()):
+                n = int(lens[i])
+                if n:
+                    full[layout.MEMORY][j, :n] = x[i, :n]
+        else:
+            full = self._encode(x[order], lens_w)
         try:
-            self._mem.oindex[rows_w].write(full).result()
+            for name, data in full.items():
+                self._arrays[name].oindex[rows_w].write(data).result()
             self._len.oindex[rows_w].write(lens_w.astype(np.int32)).result()
         except Exception as e:
             raise StoreError(f"store {st.path}: writing shard {self.shard} failed ({one_line(e)})") from e
         self._written[local] = True
         self.tokens += int(lens.sum())
+
+    def _encode(self, x: np.ndarray, lens: np.ndarray) -> dict[str, np.ndarray]:
+        """Codes (+ scales) of the real tokens of ``x`` (states in the stored dtype), zeros past each length."""
+        st, q = self.store, self.store.quantize
+        real = np.arange(x.shape[1])[None, :] < lens[:, None]
+        codes, scales = self._codec.encode(x[real].astype(np.float32))
+        full = {layout.CODES: np.zeros((len(x), st.max_tokens, int(q["code_width"])), dtype=q["code_dtype"])}
+        full[layout.CODES][:, :x.shape[1]][real] = codes
+        if scales is not None:
+            full[layout.SCALES] = np.zeros((len(x), st.max_tokens), dtype=np.float16)
+            full[layout.SCALES][:, :x.shape[1]][real] = scales
+        return full
 
     @property
     def rows_written(self) -> int:
@@ -135,7 +153,8 @@ class ShardWriter:
             "stop": self.stop,
             "passages": self.stop - self.start,
             "tokens": self.tokens,
-            "bytes": self.tokens * st.d_model * st.numpy_dtype.itemsize,
+            "bytes": self.tokens * (int(st.quantize["bytes_per_token"]) if st.quantize else
+                                    st.d_model * st.numpy_dtype.itemsize),
             "commit_seconds": round(time.perf_counter() - t0, 3),
             "fingerprint": st.fingerprint,
         }

@@ -101,3 +101,126 @@ def test_sample_is_seeded_and_held_out_tokens_are_not_trained_on():
     train, held = draw_sample(x, spec)
     assert len(train) == 300 and len(held) == 40  # held-out: at most a tenth of a small sample
     assert not set(train[:, 0].tolist()) & set(held[:, 0].tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# quantized stores: `premem encode --quantize`, the reader, verify, resume, `premem quantize`
+
+PQ_ARGS = ("--quantize", "pq", "--pq-factory", "PQ8x8", "--codebook-tokens", "1500")  # small: the test corpus is
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from premem.jobs.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """The small Shakespeare shards encoded three ways: bf16, pq (PQ8x8) and int8."""
+    from resilience_data import encode_args, make_shards, write_small_corpus
+
+    work = tmp_path_factory.mktemp("quantize")
+    shards = make_shards(work / "shards", write_small_corpus(work / "plays.jsonl", words=900), shard_size=4)
+    out = {"shards": shards}
+    for name, extra in (("raw", ()), ("pq", PQ_ARGS), ("int8", ("--quantize", "int8"))):
+        result = _cli(*encode_args(shards, work / name, *extra))
+        assert result.exit_code == 0, result.output
+        out[name] = work / name
+    return out
+
+
+def _real(store, rows):
+    from premem.storage.tensors import to_numpy
+
+    batch = store.read(rows)
+    real = batch.mask.numpy()
+    return to_numpy(batch.states).astype(np.float32)[real], batch, real
+
+
+def test_pq_store_holds_faiss_codes_of_the_stored_states_and_decodes_them(stores):
+    from premem.storage import MemoryStore
+
+    raw, pq = MemoryStore.open(stores["raw"]), MemoryStore.open(stores["pq"])
+    rows = np.arange(raw.rows)
+    x, _, real = _real(raw, rows)
+    codes = pq.read(rows, decode=False)
+    assert codes.states is None and codes.codes.dtype == torch.uint8 and codes.codes.shape[-1] == 8
+    assert np.array_equal(codes.codes.numpy()[real], pq.codec.index.sa_encode(x))  # faiss's encoding, bit for bit
+    assert not codes.codes.numpy()[~real].any()  # zero codes past each length
+    batch = pq.read(rows)
+    assert batch.states.dtype == torch.bfloat16 and not batch.states[~batch.mask].any()
+    ref = pq.codec.index.sa_decode(codes.codes.numpy()[real])
+    np.testing.assert_allclose(batch.states.float().numpy()[real], ref, rtol=2 ** -7, atol=1e-6)
+    summary = pq.summary()
+    assert summary["logical_bytes_per_token"] == 8 and summary["bytes_per_token"] <= 1.25 * 8  # short passages: padding
+    assert pq.fingerprint != raw.fingerprint and pq.encoder_fingerprint == raw.fingerprint
+
+
+def test_int8_store_within_the_int8_bound(stores):
+    from premem.storage import MemoryStore
+
+    raw, q = MemoryStore.open(stores["raw"]), MemoryStore.open(stores["int8"])
+    rows = np.arange(raw.rows)
+    x, _, real = _real(raw, rows)
+    coded = q.read(rows, decode=False)
+    scales = coded.scales.float().numpy()[real][:, None]
+    y = q.read(rows).states.float().numpy()[real]
+    assert np.all(np.abs(y - x) <= scales / 2 + 2 ** -8 * np.abs(y) + 1e-6)  # + the bf16 rounding of the decode
+    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    assert cos.min() >= 0.998
+    assert q.summary()["logical_bytes_per_token"] == 384 + 2
+
+
+def test_reader_with_the_unquantized_fingerprint_refuses_unless_the_codec_is_accepted(stores):
+    from premem.storage import MemoryStore
+    from premem.storage.errors import FingerprintMismatch
+
+    fp = MemoryStore.open(stores["raw"]).fingerprint
+    with pytest.raises(FingerprintMismatch, match="pq-quantized memory .* accept the codec") as e:
+        MemoryStore.open(stores["pq"], expected_fingerprint=fp)
+    assert "\n" not in str(e.value)
+    with pytest.raises(FingerprintMismatch):
+        MemoryStore.open(stores["pq"], expected_fingerprint=fp, accept_codec="int8")
+    assert MemoryStore.open(stores["pq"], expected_fingerprint=fp, accept_codec="pq").quantize["codec"] == "pq"
+    pq_fp = MemoryStore.open(stores["pq"]).fingerprint
+    assert MemoryStore.open(stores["pq"], expected_fingerprint=pq_fp).fingerprint == pq_fp
+    with pytest.raises(FingerprintMismatch):
+        MemoryStore.open(stores["raw"], expected_fingerprint=pq_fp)
+
+
+def test_info_shows_codec_bytes_and_fidelity(stores):
+    result = _cli("info", stores["pq"])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("codec:"))
+    assert "pq (PQ8x8), 8 B/token" in line and "cosine median 0." in line and "relative MSE" in line
+
+
+def _flip(path, at: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_verify_catches_a_flipped_byte_in_codes_and_in_the_codebook(stores, tmp_path):
+    import shutil
+
+    from premem.storage import MemoryStore
+    from premem.storage.errors import StoreError
+    from premem.storage.verify import verify_store
+
+    store = tmp_path / "pq"
+    shutil.copytree(stores["pq"], store)
+    assert verify_store(store).ok
+    _flip(store / "codes" / "c" / "1" / "0" / "0")
+    report = verify_store(store)
+    assert report.bad_shards == [1] and {p.kind for p in report.problems} == {"checksum"}, report.problems
+    shutil.copytree(stores["pq"] / "codes", store / "codes", dirs_exist_ok=True)
+    _flip(store / "codebook.faiss", at=200)
+    report = verify_store(store)
+    assert [p.kind for p in report.problems] == ["codebook"] and "damaged" in report.problems[0].what
+    with pytest.raises(StoreError, match="codebook codebook.faiss is damaged") as e:
+        MemoryStore.open(store).read([0])
+    assert "\n" not in str(e.value)
