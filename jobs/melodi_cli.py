@@ -115,7 +115,7 @@ def echo_longterm_summary(s: dict) -> None:
     """`premem compress` / `premem info` on a long-term memory store."""
     c = s["config"]
     click.echo(f"{s['documents']} documents, {s['tokens']} tokens, {s['windows']} windows "
-               f"({s['padded_windows']} padded) in {s['committed_shards']}/{s['num_shards']} shards under {s['path']}"
+               f"({s['tail_tokens']} tail tokens after the last whole windows, not compressed) in {s['committed_shards']}/{s['num_shards']} shards under {s['path']}"
                + ("" if s["complete"] else " (INCOMPLETE: resume with `premem compress`)"))
     click.echo(f"long-term memory: {s['bytes'] / 2**20:.2f} MiB ({s['bytes_per_token']:.1f} B/token, {s['dtype']}, "
                f"L={c['L']} x d={c['d_model']} per window of W={c['W']}, FIFO of Q_max={c['Q_max']} windows"

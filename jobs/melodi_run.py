@@ -7,6 +7,7 @@ from collections.abc import Callable
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from premem.jobs.remote import compress_job, dry_run_if_asked
 from premem.jobs.run import pipeline_options
 from premem.pipeline.read import Document, FieldNames, ReadDocumentsFn, Reject, expand_inputs, keep_first
 from premem.storage.errors import PrememError
@@ -65,6 +66,9 @@ def run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_pe
     Rerunning on the same store skips committed shards; the store refuses another checkpoint or other inputs.
     The job holds the store's writer lease while it runs: a second compress job of the same store is refused.
     """
+    dry_run_if_asked(pipeline_args, compress_job(inputs, store_path, checkpoint, docs_per_shard=docs_per_shard,
+                                                 docs_per_batch=docs_per_batch, end_state=end_state, device=device,
+                                                 fields=fields, max_doc_chars=max_doc_chars))
     with StoreLease(store_path, job="premem compress", force=force_unlock) as lease:
         return _run_compress(inputs, store_path, checkpoint, docs_per_shard=docs_per_shard,
                              docs_per_batch=docs_per_batch, dtype=dtype, end_state=end_state, device=device,
@@ -86,7 +90,8 @@ def _run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_p
     if not loaded.model.config.long_term_enabled:
         raise PrememError(f"checkpoint {checkpoint} has no long-term memory (use_long_term=False or L=0): "
                        f"nothing to compress")
-    cfg = CompressConfig(checkpoint=checkpoint, fingerprint=loaded.fingerprint, docs_per_shard=docs_per_shard,
+    cfg = CompressConfig(checkpoint=checkpoint, fingerprint=loaded.fingerprint, W=loaded.model.config.W,
+                         docs_per_shard=docs_per_shard,
                          docs_per_batch=docs_per_batch, end_state=end_state, device=device, lease_token=lease_token)
     store = LongTermStore.create(store_path, config=loaded.model.config.to_dict(), fingerprint=loaded.fingerprint,
                                  dtype=dtype, docs_per_shard=docs_per_shard, end_state=end_state,

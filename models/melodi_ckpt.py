@@ -79,6 +79,16 @@ def save_checkpoint(model: MelodiLM, directory: str | Path, tokenizer: ByteToken
     return model_fingerprint(model)
 
 
+def load_tokenizer(path: str | Path) -> ByteTokenizer:
+    """The tokenizer a checkpoint's token ids come from, without loading its weights."""
+    local = resolve_checkpoint(str(path))
+    tok_file = local / TOKENIZER_FILE
+    tok_info = json.loads(tok_file.read_text()) if tok_file.is_file() else {"kind": "bytes"}
+    if tok_info.get("kind") != "bytes":
+        raise CheckpointError(f"checkpoint {path} uses tokenizer {tok_info.get('kind')!r}; premem reads 'bytes' only")
+    return ByteTokenizer()
+
+
 @dataclass
 class LoadedCheckpoint:
     model: MelodiLM
@@ -111,10 +121,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         state = load_file(str(weights))
     except Exception as e:
         raise CheckpointError(f"checkpoint {path}: {WEIGHTS_FILE} is unreadable ({one_line(e)})") from e
-    tok_file = local / TOKENIZER_FILE
-    tok_info = json.loads(tok_file.read_text()) if tok_file.is_file() else {"kind": "bytes"}
-    if tok_info.get("kind") != "bytes":
-        raise CheckpointError(f"checkpoint {path} uses tokenizer {tok_info.get('kind')!r}; premem reads 'bytes' only")
+    tok = load_tokenizer(local)
     model = MelodiLM(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -135,7 +142,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     model.eval().to(device)
-    tok = ByteTokenizer()
     if tok.vocab_size > config.vocab_size:
         raise CheckpointError(
             f"checkpoint {path}: vocab_size {config.vocab_size} is smaller than the byte tokenizer's 257")

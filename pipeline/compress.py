@@ -14,8 +14,9 @@ import torch
 from apache_beam.utils.shared import Shared
 
 from premem.models.melodi import MelodiLM, MelodiState
-from premem.models.melodi_ckpt import load_checkpoint
-from premem.pipeline.read import Document, FieldNames, ReadCorpus
+from premem.models.melodi_ckpt import load_checkpoint, load_tokenizer
+from premem.pipeline.objects import WriteLines
+from premem.pipeline.read import Document, FieldNames, ReadCorpus, Reject
 from premem.storage.errors import CheckpointError
 from premem.storage.longterm import LongTermStore
 
@@ -24,6 +25,7 @@ from premem.storage.longterm import LongTermStore
 class CompressConfig:
     checkpoint: str
     fingerprint: str
+    W: int = 1  # the checkpoint's window: shorter documents are set aside
     docs_per_shard: int = 16
     docs_per_batch: int = 8
     end_state: bool = True
@@ -34,27 +36,29 @@ class CompressConfig:
 @torch.inference_mode()
 def compress_documents(
     model: MelodiLM, docs: list[torch.Tensor], *, docs_per_batch: int = 8, end_state: bool = True,
-    pad_id: int = 0, segment_windows: int = 8,
+    segment_windows: int = 8,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
     """Yields (document index, increments [n_windows, L, d], z after the last window [num_layers, S, d] or None).
 
-    Documents run side by side, longest first, from a zero state, up to `segment_windows` windows per call; a
-    call never runs past the last window of the shortest document still in the batch, which then leaves the
-    batch, so every document sees only its own windows and its end state is taken right after its last window.
-    The last window of a document whose length is not a multiple of W is padded with `pad_id`.
-    end_state=False runs only the layers up to the long-term layer.
+    Only whole windows are read: the tokens after a document's last whole window (fewer than W) are not run, so
+    no increment is ever computed from padding; the store records them as the document's tail, and a
+    continuation from the end state re-reads them. Documents run side by side, longest first, from a zero state,
+    up to `segment_windows` windows per call; a call never runs past the last window of the shortest document
+    still in the batch, which then leaves the batch, so every document sees only its own windows and its end
+    state is taken right after its last window. end_state=False runs only the layers up to the long-term layer.
     """
     c = model.config
     device = next(model.parameters()).device
     order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
     for start in range(0, len(order), docs_per_batch):
         idx = order[start:start + docs_per_batch]
-        n_windows = [-(-len(docs[i]) // c.W) for i in idx]
+        n_windows = [len(docs[i]) // c.W for i in idx]
         if min(n_windows) < 1:
-            raise ValueError("empty document: every document needs at least one token")
-        tokens = torch.full((len(idx), n_windows[0] * c.W), pad_id, dtype=torch.long)
-        for b, i in enumerate(idx):
-            tokens[b, :len(docs[i])] = docs[i]
+            raise ValueError(f"a document of {min(len(docs[i]) for i in idx)} tokens is shorter than one window "
+                             f"(W={c.W}): reject it before compressing")
+        tokens = torch.zeros(len(idx), n_windows[0] * c.W, dtype=torch.long)
+        for b, (i, n) in enumerate(zip(idx, n_windows, strict=True)):
+            tokens[b, :n * c.W] = docs[i][:n * c.W]
         tokens = tokens.to(device)
         state = model.initial_state(len(idx))
         incs: list[list[torch.Tensor]] = [[] for _ in idx]
@@ -106,7 +110,7 @@ class CompressShardFn(beam.DoFn):
         self.documents = beam.metrics.Metrics.counter("premem", "documents_compressed")
         self.windows = beam.metrics.Metrics.counter("premem", "windows_compressed")
         self.tokens = beam.metrics.Metrics.counter("premem", "tokens_compressed")
-        self.padded = beam.metrics.Metrics.counter("premem", "windows_padded")
+        self.tail = beam.metrics.Metrics.counter("premem", "tail_tokens_not_compressed")
         self.skipped = beam.metrics.Metrics.counter("premem", "shards_skipped")
 
     def setup(self):
@@ -133,14 +137,36 @@ class CompressShardFn(beam.DoFn):
         with self.store.shard_writer(shard, meta) as writer:
             for i, incs, end_z in compress_documents(
                     self.loaded.model, tokens, docs_per_batch=self.config.docs_per_batch,
-                    end_state=self.config.end_state, pad_id=tok.pad_id):
+                    end_state=self.config.end_state):
                 writer.write(i, incs, end_z)
         marker = writer.marker
         self.documents.inc(marker["documents"])
         self.windows.inc(marker["windows"])
         self.tokens.inc(marker["tokens"])
-        self.padded.inc(marker["padded_windows"])
+        self.tail.inc(marker["tail_tokens"])
         yield {**marker, "seconds": time.perf_counter() - started}
+
+
+class SetAsideShortFn(beam.DoFn):
+    """Documents shorter than one window go to the rejects with their reason: there is no whole window to
+    compress (the tail of a longer document is recorded, not compressed)."""
+
+    SHORT = "short"
+
+    def __init__(self, checkpoint: str, W: int):
+        self.checkpoint, self.W = checkpoint, W
+
+    def setup(self):
+        self.tokenizer = load_tokenizer(self.checkpoint)
+
+    def process(self, doc: Document):
+        n = len(self.tokenizer.encode(doc.text))
+        if n >= self.W:
+            yield doc
+        else:
+            yield beam.pvalue.TaggedOutput(self.SHORT, Reject(
+                doc.source, doc.position, f"document {doc.doc_id!r} has {n} tokens, shorter than one window "
+                f"(W={self.W}): give longer documents or use a checkpoint with a smaller W", doc.text[:80]))
 
 
 class CompressDocuments(beam.PTransform):
@@ -153,7 +179,12 @@ class CompressDocuments(beam.PTransform):
         self.rejects_path, self.fields, self.max_doc_chars = rejects_path, fields or FieldNames(), max_doc_chars
 
     def expand(self, pbegin):
-        docs, _ = pbegin | "Read" >> ReadCorpus(self.files, self.fields, self.max_doc_chars, self.rejects_path)
+        docs, read_rejects = pbegin | "Read" >> ReadCorpus(self.files, self.fields, self.max_doc_chars)
+        split = docs | "SetAsideShort" >> beam.ParDo(SetAsideShortFn(self.config.checkpoint, self.config.W)
+                                                      ).with_outputs(SetAsideShortFn.SHORT, main="docs")
+        docs = split.docs
+        _ = ((read_rejects, split[SetAsideShortFn.SHORT]) | "AllRejects" >> beam.Flatten()
+             | "RejectJson" >> beam.Map(Reject.to_json) | "WriteRejects" >> WriteLines(self.rejects_path))
         plan = (docs
                 | "Keys" >> beam.Map(lambda d: (d.file_index, d.position, d.doc_id))
                 | "AllKeys" >> beam.combiners.ToList()

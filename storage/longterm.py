@@ -16,9 +16,10 @@ Layout (a local directory or ``gs://bucket/prefix``), in the style of the LUMEN 
 
 The FIFO the long-term layer sees at the start of window k is the last Q_max increments before k, zeros in
 front of the document's first window; the end state's FIFO is the FIFO at window n_windows, so it is not stored
-twice. A document shorter than a window, or whose length is not a multiple of W, has its last window padded
-with the pad id (0); that window's increment is what the model computes on the padded window, and the
-document's `n_tokens` says how many tokens are real.
+twice. Only whole windows are compressed: a document keeps its real length (`n_tokens`), and the tokens after its
+last whole window (`tail_tokens`, fewer than W) have no increment, since one computed on padding would put
+into the FIFO what the model never read; a continuation from the end state re-reads them. A document shorter
+than one window is a reject of `premem compress`.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ META_SCHEMA = pa.schema([
     ("position", pa.int64()),
     ("index", pa.int32()),       # position of the document in its shard (row of end_z)
     ("n_tokens", pa.int64()),
-    ("n_windows", pa.int32()),   # ceil(n_tokens / W)
+    ("n_windows", pa.int32()),   # whole windows: n_tokens // W
     ("offset", pa.int64()),      # first window of the document in the shard's increments array
-    ("last_window_tokens", pa.int32()),  # real tokens of the last window (W unless padded)
+    ("tail_tokens", pa.int32()),  # tokens after the last whole window (not compressed)
 ])
 
 
@@ -223,7 +224,7 @@ class LongTermStore(StoreHandle):
         m = dict(self.manifest)
         m["num_shards"] = int(plan["num_shards"])
         m["shards"] = markers
-        for k in ("documents", "tokens", "windows", "padded_windows", "bytes"):
+        for k in ("documents", "tokens", "windows", "tail_tokens", "bytes"):
             m[k] = int(sum(int(x.get(k, 0)) for x in markers))
         m["rejected"] = int(rejected)
         m["complete"] = len(markers) == m["num_shards"]
@@ -236,7 +237,7 @@ class LongTermStore(StoreHandle):
         plan = self.read_plan() or {"num_shards": 0}
         markers = self.commits.read_all()
         tot = {k: int(sum(int(x.get(k, 0)) for x in markers))
-               for k in ("documents", "tokens", "windows", "padded_windows", "bytes")}
+               for k in ("documents", "tokens", "windows", "tail_tokens", "bytes")}
         disk = kv.dir_bytes(self.path) if kv.is_local(self.path) else None
         return {"path": self.path, "kind": layout.LONGTERM_KIND, "num_shards": int(plan["num_shards"]),
                 "committed_shards": len(markers), **tot,
@@ -377,10 +378,11 @@ class LongTermShardWriter:
         offset = 0
         for i, doc in enumerate(self.docs):
             n = int(doc["n_tokens"])
-            if n < 1:
-                raise StoreError(f"document {doc['doc_id']!r} has no tokens: empty documents are rejected, not stored")
-            doc["index"], doc["n_windows"], doc["offset"] = i, -(-n // self.W), offset
-            doc["last_window_tokens"] = n - (doc["n_windows"] - 1) * self.W
+            if n < self.W:
+                raise StoreError(f"document {doc['doc_id']!r} has {n} tokens, shorter than one window (W={self.W}): "
+                                 f"such documents are rejected, not stored")
+            doc["index"], doc["n_windows"], doc["offset"] = i, n // self.W, offset
+            doc["tail_tokens"] = n - doc["n_windows"] * self.W
             offset += doc["n_windows"]
         dt = store.numpy_dtype
         self.increments = np.zeros((offset, self.L, self.d), dtype=dt)
@@ -451,7 +453,7 @@ class LongTermShardWriter:
             "documents": len(self.docs),
             "tokens": int(sum(int(doc["n_tokens"]) for doc in self.docs)),
             "windows": int(self.increments.shape[0]),
-            "padded_windows": int(sum(doc["last_window_tokens"] < self.W for doc in self.docs)),
+            "tail_tokens": int(sum(doc["tail_tokens"] for doc in self.docs)),
             "bytes": int(self.increments.nbytes + (self.end_z.nbytes if self.end_z is not None else 0)),
             "fingerprint": st.fingerprint,
         }

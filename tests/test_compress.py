@@ -23,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ATOL = 1e-5
 W = 8
-# document id -> length in bytes: several windows exactly, padded last window, shorter than a window,
-# longer than the FIFO (Q_max = 3 windows), exactly one window
+# document id -> length in bytes: several windows exactly, a tail after the last whole window, shorter than a
+# window (rejected), longer than the FIFO (Q_max = 3 windows), exactly one window
 LENGTHS = {"exact5": 40, "padded8": 59, "short": 3, "two": 16, "one": 8, "long12": 93}
 
 
@@ -59,12 +59,10 @@ def compressed(tmp_path_factory):
 
 
 def _doc_tokens(text: str) -> tuple[torch.Tensor, int]:
-    """Token ids padded to whole windows, and the number of windows."""
+    """Token ids of the whole windows, and their number (the tail is not compressed)."""
     ids = ByteTokenizer().encode_tensor(text)
-    n = -(-len(ids) // W)
-    padded = torch.zeros(n * W, dtype=torch.long)
-    padded[: len(ids)] = ids
-    return padded, n
+    n = len(ids) // W
+    return ids[: n * W], n
 
 
 def test_stored_increments_equal_full_forward(compressed):
@@ -74,6 +72,8 @@ def test_stored_increments_equal_full_forward(compressed):
     assert isinstance(store, LongTermStore)
     c = model.config
     for doc, text in compressed["texts"].items():
+        if doc == "short":
+            continue
         tokens, n = _doc_tokens(text)
         with torch.no_grad():
             _, st_full, incs = model(tokens[None], return_increments=True)
@@ -86,7 +86,7 @@ def test_stored_increments_equal_full_forward(compressed):
             assert int(batch.n_valid[k]) == min(k, c.Q_max)
         assert torch.allclose(batch.fifo[n], st_full.fifo[0], atol=ATOL, rtol=0)
     # batched read of several documents at one window
-    b = store.long_term(["exact5", "long12", "short"], 1)
+    b = store.long_term(["exact5", "long12", "padded8"], 1)
     assert b.fifo.shape == (3, 6, 32) and b.n_valid.tolist() == [1, 1, 1]
     assert torch.count_nonzero(b.fifo[:, :4]) == 0 and torch.count_nonzero(b.fifo[:, 4:]) > 0
 
@@ -95,10 +95,10 @@ def test_end_state_continues_document_exactly(compressed):
     """(b) continuing after the document from the stored end state = document + continuation in one go."""
     model = compressed["model"]
     store = LongTermStore.open(compressed["root"] / "store", expected_fingerprint=compressed["fp"])
-    docs = ["padded8", "short", "long12"]
+    docs = ["padded8", "one", "long12"]
     es = store.end_state(docs)
-    assert es.z.shape == (3, 3, 4, 32) and es.n_windows.tolist() == [8, 1, 12]
-    assert es.n_tokens.tolist() == [59, 3, 93]
+    assert es.z.shape == (3, 3, 4, 32) and es.n_windows.tolist() == [7, 1, 11]
+    assert es.n_tokens.tolist() == [59, 8, 93]
     cont = torch.randint(1, 257, (3, 2 * W), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         logits, _ = model(cont, MelodiState(es.z, es.fifo, es.n_valid))
@@ -112,13 +112,13 @@ def test_compress_documents_batching_and_lower_layers_only():
     """Side-by-side documents of different lengths and the increments-only path give the same increments."""
     torch.manual_seed(1)
     model = MelodiLM(tiny_config()).eval()
-    docs = [torch.randint(1, 257, (n,)) for n in (5, 33, 17, 8, 64)]
+    docs = [torch.randint(1, 257, (n,)) for n in (13, 33, 17, 8, 64)]
     one = {i: (x, z) for i, x, z in compress_documents(model, docs, docs_per_batch=1)}
     many = {i: (x, z) for i, x, z in compress_documents(model, docs, docs_per_batch=5)}
     lower = {i: (x, z) for i, x, z in compress_documents(model, docs, docs_per_batch=3, end_state=False)}
     assert sorted(one) == sorted(many) == sorted(lower) == list(range(5))
     for i, d in enumerate(docs):
-        n = -(-len(d) // W)
+        n = len(d) // W
         assert one[i][0].shape == (n, 2, 32) and one[i][1].shape == (3, 4, 32) and lower[i][1] is None
         assert torch.allclose(one[i][0], many[i][0], atol=ATOL) and torch.allclose(one[i][1], many[i][1], atol=ATOL)
         assert torch.allclose(one[i][0], lower[i][0], atol=ATOL)
@@ -127,21 +127,22 @@ def test_compress_documents_batching_and_lower_layers_only():
 def test_bad_input_results(compressed):
     root, s = compressed["root"], compressed["summary"]
     reasons = sorted(r["reason"] for r in s["rejects"])
-    assert len(reasons) == 3
-    assert reasons[0].startswith("duplicate id 'two'") and reasons[1] == "empty field 'text'"
-    assert reasons[2].startswith("invalid JSON")
-    assert (s["documents"], s["num_shards"], s["committed_shards"], s["complete"]) == (6, 2, 2, True)
-    assert s["tokens"] == sum(len(t.encode()) for t in compressed["texts"].values())
+    assert len(reasons) == 4
+    assert reasons[0].startswith("document 'short' has 3 tokens, shorter than one window (W=8)")
+    assert reasons[1].startswith("duplicate id 'two'") and reasons[2] == "empty field 'text'"
+    assert reasons[3].startswith("invalid JSON")
+    assert (s["documents"], s["num_shards"], s["committed_shards"], s["complete"]) == (5, 2, 2, True)
+    assert s["tokens"] == sum(len(t.encode()) for k, t in compressed["texts"].items() if k != "short")
     store = LongTermStore.open(root / "store")
     meta = {d["doc_id"]: d for d in store.documents()}
-    # shorter than one window: one padded window, its real length recorded
-    assert (meta["short"]["n_windows"], meta["short"]["last_window_tokens"]) == (1, 3)
-    assert (meta["one"]["n_windows"], meta["one"]["last_window_tokens"]) == (1, 8)
-    assert s["padded_windows"] == sum(1 for d in meta.values() if d["last_window_tokens"] < W) == 3
+    # the tail after the last whole window: real length recorded, no increment computed from padding
+    assert (meta["padded8"]["n_tokens"], meta["padded8"]["n_windows"], meta["padded8"]["tail_tokens"]) == (59, 7, 3)
+    assert (meta["one"]["n_windows"], meta["one"]["tail_tokens"]) == (1, 0)
+    assert s["tail_tokens"] == 3 + 5 and s["windows"] == 5 + 7 + 2 + 1 + 11
     # a window index past the document's end is an error naming the valid range; its end is window n_windows
-    with pytest.raises(StoreError, match=r"window 2 is outside document 'short'.*use 0\.\.0, or 1"):
-        store.long_term(["short"], 2)
-    assert store.long_term(["short"], 1).n_valid.tolist() == [1]
+    with pytest.raises(StoreError, match=r"window 2 is outside document 'one'.*use 0\.\.0, or 1"):
+        store.long_term(["one"], 2)
+    assert store.long_term(["one"], 1).n_valid.tolist() == [1]
     with pytest.raises(StoreError, match="window -1"):
         store.long_term(["one"], -1)
     with pytest.raises(StoreError, match="'nope' is not in store"):
@@ -167,7 +168,7 @@ def test_resume_skips_committed_and_refuses_other_checkpoint_or_inputs(compresse
                          docs_per_batch=2)
     assert again["committed_shards"] == 2 and again["complete"]
     a, b = LongTermStore.open(root / "store"), LongTermStore.open(store_copy)
-    assert torch.equal(a.long_term(["long12"], 12).fifo, b.long_term(["long12"], 12).fifo)
+    assert torch.equal(a.long_term(["long12"], 11).fifo, b.long_term(["long12"], 11).fifo)
 
     torch.manual_seed(7)
     other = MelodiLM(tiny_config()).eval()
@@ -183,7 +184,7 @@ def test_resume_skips_committed_and_refuses_other_checkpoint_or_inputs(compresse
     lines = (root / "docs.jsonl").read_text().splitlines()
     corpus.write_text("\n".join(lines[:2]) + "\n")
     run_compress([str(corpus)], str(tmp_path / "grown"), str(root / "ckpt"), docs_per_shard=1)
-    corpus.write_text("\n".join(lines[:3]) + "\n")
+    corpus.write_text("\n".join(lines[:4]) + "\n")  # line 3 is "short" (rejected), line 4 a new document
     with pytest.raises(Exception, match="started on other documents"):
         run_compress([str(corpus)], str(tmp_path / "grown"), str(root / "ckpt"), docs_per_shard=1)
 
@@ -213,7 +214,7 @@ def test_no_end_state_store_and_plan(compressed, tmp_path):
                      docs_per_batch=4, end_state=False)
     assert s["num_shards"] == 2 and not s["end_state"]
     lower, full = LongTermStore.open(tmp_path / "lower"), LongTermStore.open(root / "store")
-    assert torch.allclose(lower.long_term(["padded8"], 8).fifo, full.long_term(["padded8"], 8).fifo, atol=ATOL)
+    assert torch.allclose(lower.long_term(["padded8"], 7).fifo, full.long_term(["padded8"], 7).fifo, atol=ATOL)
     with pytest.raises(StoreError, match="--no-end-state"):
         lower.end_state(["padded8"])
     assert plan_shards([(1, 2, "c"), (0, 9, "b"), (0, 1, "a")], 2) == [["a", "b"], ["c"]]
@@ -225,10 +226,10 @@ def test_cli_compress_and_errors(compressed, tmp_path):
     res = runner.invoke(main, ["compress", str(root / "docs.jsonl"), "--store", str(tmp_path / "s"), "--checkpoint",
                                str(root / "ckpt"), "--docs-per-shard", "6", "--no-end-state"])
     assert res.exit_code == 0, res.output
-    assert "9 input records = 6 documents + 3 rejected" in res.output
-    assert "6 documents, 219 tokens, 29 windows (3 padded) in 1/1 shards" in res.output
+    assert "9 input records = 5 documents + 4 rejected" in res.output
+    assert "5 documents, 216 tokens, 26 windows (8 tail tokens after the last whole windows" in res.output
     res = runner.invoke(main, ["info", str(tmp_path / "s")])
-    assert res.exit_code == 0 and "29 windows (3 padded) in 1/1 shards" in res.output and "L=2 x d=32" in res.output
+    assert res.exit_code == 0 and "26 windows (8 tail tokens" in res.output and "L=2 x d=32" in res.output
     res = runner.invoke(main, ["compress", str(root / "docs.jsonl"), "--store", str(tmp_path / "t"), "--checkpoint",
                                str(tmp_path / "missing")])
     assert res.exit_code == 2 and "does not exist" in res.output
@@ -242,7 +243,7 @@ def test_cli_compress_and_errors(compressed, tmp_path):
 def test_compress_documents_segment_lengths_agree():
     torch.manual_seed(2)
     model = MelodiLM(tiny_config()).eval()
-    docs = [torch.randint(1, 257, (n,)) for n in (70, 9, 41, 24)]
+    docs = [torch.randint(1, 257, (n,)) for n in (70, 9, 41, 24)]  # tails of 6, 1, 1, 0 tokens
     ref = {i: (x, z) for i, x, z in compress_documents(model, docs, docs_per_batch=4, segment_windows=1)}
     for seg in (3, 16):
         got = {i: (x, z) for i, x, z in compress_documents(model, docs, docs_per_batch=3, segment_windows=seg)}
