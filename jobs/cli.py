@@ -111,11 +111,15 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
 @click.option("--retriever-window-words", type=int, default=0, show_default=True,
               help="> 0: one retrieval vector per window of this many words (stride half), a row scored by its "
                    "best window; finds short quotes far better than one vector per passage.")
+@click.option("--retriever-template", default="{title}: {text}", show_default=True,
+              help="Retriever input; equal to --template, with the encoder's checkpoint and --max-tokens as its max "
+                   "length, the retriever continues from the stored layer-K states instead of re-running them.")
 @quantize_options
 @click.pass_context
 def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, dtype, compute_dtype, device,
            tokens_per_batch, codec, token_chunk, zstd_level, progress, repair, force_unlock, retriever, retriever_pooling,
-           retriever_max_length, retriever_window_words, quantize, pq_bytes, pq_factory, quantize_seed, codebook_tokens):
+           retriever_max_length, retriever_window_words, retriever_template, quantize, pq_bytes, pq_factory,
+           quantize_seed, codebook_tokens):
     """Encode the passage SHARDS into a memory STORE with the first K layers of an encoder."""
     from premem.jobs.run import run_encode
     from premem.pipeline.encode import EncoderConfig
@@ -127,7 +131,7 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
 
     retriever_config = None if retriever == NONE else RetrieverConfig(
         name=retriever, pooling=retriever_pooling, max_length=retriever_max_length,
-        window_words=retriever_window_words)
+        window_words=retriever_window_words, template=retriever_template)
     with ProgressBar(progress) as report:
         summary = run_job(run_encode, shards, store, config, dtype=dtype, codec=codec, token_chunk=token_chunk,
                           zstd_level=zstd_level, pipeline_args=ctx.args, progress=report, repair=repair,
@@ -141,6 +145,8 @@ def encode(ctx, shards, store, encoder, memory_layers, live_fraction, template, 
     if run.get("embedded_only"):
         click.echo(f"retrieval embeddings: memory of {run['embedded_only']} shards was already complete, computed "
                    f"only their embeddings ({retriever})")
+    if run.get("retriever_continued"):
+        click.echo(f"retrieval embeddings: {retriever} continued from the layer-K memory states (same input)")
     if repair:
         listed = f" ({run['repaired_shards']})" if run["repaired"] else ""  # tests/test_verify.py pins "([1])"
         click.echo(f"repair: {run['repaired']} bad shards redone{listed}")

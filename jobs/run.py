@@ -12,11 +12,16 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from premem.models.retriever import RetrieverConfig, memory_mean_info, windows_per_row
-from premem.pipeline.encode import EncoderConfig, EncodeShards
+from premem.pipeline.encode import EncoderConfig, EncodeShards, retriever_continues
 from premem.pipeline.read import expand_inputs
 from premem.pipeline.shard import INDEX_FORMAT, ShardConfig, ShardCorpus, read_index
 from premem.storage import MemoryStore, layout
-from premem.storage.embeddings import discard_shard_embeddings, embedding_committed_shards, prepare_embeddings
+from premem.storage.embeddings import (
+    discard_shard_embeddings,
+    embedding_committed_shards,
+    prepare_embeddings,
+    retriever_info,
+)
 from premem.storage.errors import InputError, PrememError
 from premem.storage.lease import DEFAULT_TTL, StoreLease
 from premem.storage.verify import verify_store
@@ -121,6 +126,8 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
         retriever_fingerprint, embed_only = prepare_store_embeddings(store, retriever, committed)
         todo += [entry for entry in index["shards"] if entry["shard"] in embed_only]
     stats["embedded_only"] = len(embed_only)
+    continued = retriever_continues(retriever, retriever_info(store), info, int(index["max_tokens"]))
+    stats["retriever_continued"] = continued  # layers [K, L) run on the memory states, not the whole retriever
     if todo:
         watcher = _watch_commits(store, index["num_shards"], progress) if progress else contextlib.nullcontext()
         failures_path = FileSystems.join(store_path, layout.FAILURES)
@@ -130,7 +137,8 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
                 | "Shards" >> beam.Create(todo)
                 | "EncodeShards" >> EncodeShards(shards_dir, store_path, config, fingerprint, failures_path,
                                                  lease_token=lease.token, retriever=retriever,
-                                                 retriever_fingerprint=retriever_fingerprint)
+                                                 retriever_fingerprint=retriever_fingerprint,
+                                                 continue_retriever=continued)
             )
         with FileSystems.open(failures_path) as handle:
             failures = [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]

@@ -179,22 +179,33 @@ class TextEmbedder:
 
     def embed(self, texts: list[str], what: str = "text") -> np.ndarray:
         """[len(texts), dim] float32, unit length; texts longer than max_length tokens are truncated."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for batch, input_ids, mask in self.batches(texts, what):
+            out[batch] = self.vectors(input_ids, mask).cpu().numpy()
+        return out
+
+    def batches(self, texts: list[str], what: str = "text"):
+        """(indices, padded ids, mask) per token-budget batch of the texts: the CPU half of `embed`, which a job
+        runs on a thread ahead of the model."""
         texts = list(texts)
         _check_texts(texts, what)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return out
+            return iter(())
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        pad = self.tokenizer.pad_token_id or 0
+        return _padded_batches(ids, self.tokenizer.pad_token_id or 0, self.batch_tokens)
+
+    def vectors(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One padded batch -> [b, dim] float32 unit vectors, on the model's device: the model half of `embed`."""
         autocast = torch.autocast(torch.device(self.device).type, dtype=self.autocast or torch.float32,
                                   enabled=self.autocast is not None)
         with torch.inference_mode(), autocast:
-            for batch, input_ids, mask in _padded_batches(ids, pad, self.batch_tokens):
-                hidden = self.model(input_ids=input_ids.to(self.device),
-                                    attention_mask=mask.to(self.device)).last_hidden_state
-                pooled = masked_pool(hidden.float(), mask.to(hidden.device), self.pooling)
-                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
-        return out
+            mask = mask.to(self.device, non_blocking=True)
+            hidden = self.model(input_ids=input_ids.to(self.device, non_blocking=True), attention_mask=mask).last_hidden_state
+            return self.pool(hidden, mask)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states -> the pooled, L2-normalised [b, dim] float32 vectors."""
+        return torch.nn.functional.normalize(masked_pool(hidden.float(), mask, self.pooling), dim=-1)
 
     def info(self) -> dict[str, Any]:
         return {"kind": "checkpoint", "checkpoint": self.checkpoint, "pooling": self.pooling,
