@@ -20,6 +20,18 @@ def _vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
     return (rng.standard_normal((n, d)).astype(np.float32) @ basis).astype(np.float32)
 
 
+def _trained(factory: str, x: np.ndarray) -> FaissCodec:
+    """faiss's own training, OPQ with 8 instead of 50 rotation rounds: the tests are about codes, not their quality."""
+    index = faiss.index_factory(x.shape[1], factory)
+    if isinstance(index, faiss.IndexPreTransform):
+        faiss.downcast_VectorTransform(index.chain.at(0)).niter = 8
+        faiss.downcast_index(index.index).do_polysemous_training = False
+    else:
+        index.do_polysemous_training = False
+    index.train(x)
+    return FaissCodec(index, factory)
+
+
 def test_int8_decode_within_half_a_step_per_value():
     x = _vectors(2000, 48)
     x[5] = 0  # a zero token (padding-like) has scale 0 and decodes to zeros
@@ -38,7 +50,7 @@ def test_int8_decode_within_half_a_step_per_value():
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_decode_equals_faiss_sa_decode(factory, device):
     x = _vectors(1200, 32)
-    codec = FaissCodec.train(factory, x)
+    codec = FaissCodec.train(factory, x) if factory == "PQ8x8" else _trained(factory, x)
     codes, _ = codec.encode(x[:500])
     assert np.array_equal(codes, codec.index.sa_encode(x[:500]))
     ours = codec.decode(torch.from_numpy(codes).to(device)).cpu().numpy()
@@ -67,7 +79,7 @@ def test_opq_beats_plain_pq_at_the_same_bytes():
     """The default codec's choice, measured (the full-size figures: benchmarks/quantize.py)."""
     x, held = np.split(_vectors(2000, 16, seed=2), [1500])
     plain = fidelity(FaissCodec.train("PQ2x8", x), held)
-    opq = fidelity(FaissCodec.train("OPQ2,PQ2x8", x), held)
+    opq = fidelity(_trained("OPQ2,PQ2x8", x), held)
     assert opq["relative_mse"] < plain["relative_mse"], (plain, opq)
 
 
@@ -224,3 +236,95 @@ def test_verify_catches_a_flipped_byte_in_codes_and_in_the_codebook(stores, tmp_
     with pytest.raises(StoreError, match="codebook codebook.faiss is damaged") as e:
         MemoryStore.open(store).read([0])
     assert "\n" not in str(e.value)
+
+
+def test_sigkill_mid_quantized_encode_then_resume_gives_identical_codes(stores, tmp_path):
+    import os
+    import random
+    import signal
+    import time
+
+    from resilience_data import encode_args, fault_inject_module, start_premem
+
+    fault = fault_inject_module()
+    store = tmp_path / "store"
+    rng = random.Random(12)
+    kills = 0
+    for attempt in range(4):  # first while the codebook trains, then at random moments of the shards' encode
+        proc = start_premem(*encode_args(stores["shards"], store, *PQ_ARGS), log=tmp_path / f"run{attempt}.log")
+        if attempt == 0:
+            delay = rng.uniform(2.0, 5.0)
+        else:
+            while not (store / "commits").exists() and proc.is_alive():
+                time.sleep(0.01)
+            delay = rng.uniform(0.0, 3.0)
+        proc.join(timeout=delay)
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.join()
+    assert kills >= 3
+    result = _cli(*encode_args(stores["shards"], store, *PQ_ARGS))
+    assert result.exit_code == 0, result.output
+    assert fault.compare_stores(stores["pq"], store) == []  # codes, lengths, metadata, markers
+    assert (store / "codebook.faiss").read_bytes() == (stores["pq"] / "codebook.faiss").read_bytes()
+
+
+def test_premem_quantize_equals_encode_quantize(stores, tmp_path):
+    import json
+
+    from resilience_data import fault_inject_module
+
+    fault = fault_inject_module()
+    out = tmp_path / "pq"
+    result = _cli("quantize", stores["raw"], "--out", out, *PQ_ARGS, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "5 quantized" in result.output and "codec:    pq (PQ8x8)" in result.output
+    assert (out / "codebook.faiss").read_bytes() == (stores["pq"] / "codebook.faiss").read_bytes()
+    assert fault.compare_stores(stores["pq"], out) == []
+    a, b = (json.loads((p / "manifest.json").read_text())["quantize"] for p in (stores["pq"], out))
+    assert a["fingerprint"] == b["fingerprint"] and a["fidelity"] == b["fidelity"]
+    again = _cli("quantize", stores["raw"], "--out", out, *PQ_ARGS, "--no-progress")  # resumes: nothing left to do
+    assert again.exit_code == 0 and "5 already done, skipped; 0 quantized" in again.output, again.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--quantize", "pq", "--pq-bytes", "5"), "--pq-bytes 5 does not divide d=384"),
+    (("--quantize", "pq", "--pq-bytes", "768"), "--pq-bytes 768 must be in 1..384"),
+    (("--quantize", "pq", "--pq-factory", "PQ8x16", "--codebook-tokens", "100000"),
+     "memory vectors are too few to train the PQ8x16 codebook"),
+])
+def test_bad_quantize_requests_are_one_line_and_write_nothing(stores, tmp_path, extra, message):
+    from resilience_data import encode_args
+
+    store = tmp_path / "store"
+    result = _cli(*encode_args(stores["shards"], store, *extra))
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not store.exists()
+
+
+def test_missing_or_damaged_codebook_and_requantizing_are_refused_in_one_line(stores, tmp_path):
+    import shutil
+
+    from resilience_data import encode_args
+
+    store = tmp_path / "pq"
+    shutil.copytree(stores["pq"], store)
+    before = sorted(p.name for p in store.rglob("*"))
+    (store / "codebook.faiss").unlink()
+    result = _cli(*encode_args(stores["shards"], store, *PQ_ARGS))
+    assert result.exit_code != 0 and "codebook codebook.faiss is missing" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    shutil.copy(stores["pq"] / "codebook.faiss", store / "codebook.faiss")
+    _flip(store / "codebook.faiss", at=300)
+    result = _cli("verify", store)
+    assert result.exit_code != 0 and "[codebook]" in result.output
+    result = _cli(*encode_args(stores["shards"], store, *PQ_ARGS))
+    assert result.exit_code != 0 and "is damaged" in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in store.rglob("*")) == before  # nothing written (no lease either)
+
+    out = tmp_path / "again"
+    result = _cli("quantize", stores["pq"], "--out", out, "--quantize", "int8", "--no-progress")
+    assert result.exit_code != 0 and "is already quantized (pq, PQ8x8)" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
