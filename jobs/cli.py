@@ -33,7 +33,7 @@ def main() -> None:
     """premem: pre-encode text corpora into stored memory for LUMEN and MELODI.
 
     The commands in the order data flows: shard -> encode -> index -> retrieve / search -> train-lumen;
-    train-melodi -> compress for MELODI; info and verify on any store.
+    train-melodi -> eval-melodi / compress for MELODI; info and verify on any store.
     """
     quiet_beam()
 
@@ -283,10 +283,11 @@ from premem.jobs.retrieval_cli import index, retrieve, search  # noqa: E402
 main.add_command(index)
 main.add_command(search)
 main.add_command(retrieve)
-from premem.jobs.melodi_cli import compress, train_melodi  # noqa: E402
+from premem.jobs.melodi_cli import compress, eval_melodi, train_melodi  # noqa: E402
 
 main.add_command(train_melodi)
 main.add_command(compress)
+main.add_command(eval_melodi)
 from premem.jobs.lumen_cli import lumen_demo_command, train_lumen_command  # noqa: E402
 
 main.add_command(train_lumen_command)

@@ -17,8 +17,8 @@ force_unlock_option = click.option(
     help="Take the store's writer lease even if another job holds it (only when that job is dead).")
 
 # Commands in the order data flows through them (`premem --help` lists them so); others follow, sorted.
-PIPELINE_ORDER = ("shard", "encode", "index", "retrieve", "search", "train-lumen", "train-melodi", "compress", "info",
-                  "verify", "demo", "lumen-demo")
+PIPELINE_ORDER = ("shard", "encode", "index", "retrieve", "search", "train-lumen", "train-melodi", "eval-melodi",
+                  "compress", "info", "verify", "demo", "lumen-demo")
 
 # The passage template's default, for help texts without importing premem.models (torch); the commands pass
 # None on and the configs fill in premem.models.DEFAULT_TEMPLATE (tests/test_cli.py checks the two agree).

@@ -46,30 +46,43 @@ def model_config(name: str, overrides: tuple[str, ...]):
 @click.option("--steps", default=1000, show_default=True)
 @click.option("--batch-size", default=8, show_default=True, help="Documents read side by side.")
 @click.option("--segment-windows", default=4, show_default=True, help="Windows per segment (truncated BPTT).")
-@click.option("--optimizer", type=click.Choice(["adamw", "adafactor"]), default="adamw", show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "adafactor"]), default="adamw", show_default=True,
+              help="adafactor: the paper's (decay 0.8, momentum 0.9); the paper's schedule is --optimizer adafactor "
+                   "--lr 0.01 --warmup-steps 1000 --min-lr-ratio 0.1.")
 @click.option("--lr", default=3e-3, show_default=True)
 @click.option("--warmup-steps", default=50, show_default=True)
+@click.option("--min-lr-ratio", default=0.1, show_default=True, help="Cosine decay from --lr to lr * this.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N; under torchrun each process uses its "
+                   "LOCAL_RANK's GPU.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="auto: bf16 autocast on GPUs and CPUs with native bf16, else fp32.")
 @click.option("--heldout", default=2, show_default=True, help="The last N documents are held out.")
 @click.option("--eval-every", default=100, show_default=True)
-@click.option("--eval-tokens", default=16384, show_default=True, help="Held-out tokens scored per document.")
+@click.option("--eval-tokens", default=None, type=int,
+              help="Held-out tokens scored per document (default: whole documents).")
 @click.option("--checkpoint-every", default=100, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--text-field", default="text", show_default=True)
 def train_melodi(inputs, out, config_name, overrides, steps, batch_size, segment_windows, optimizer, lr,
-                 warmup_steps, precision, heldout, eval_every, eval_tokens, checkpoint_every, seed, text_field):
-    """Train MELODI on long documents (INPUTS: .jsonl/.parquet/.txt, as for `premem shard`), bytes as tokens."""
+                 warmup_steps, min_lr_ratio, device, precision, heldout, eval_every, eval_tokens, checkpoint_every,
+                 seed, text_field):
+    """Train MELODI on long documents (INPUTS: .jsonl/.parquet/.txt, as for `premem shard`), bytes as tokens.
+
+    Several GPUs (or CPU processes, gloo): `torchrun --nproc_per_node N -m premem.jobs.cli train-melodi ...`;
+    --batch-size is the global batch, split over the processes."""
     from premem.jobs.melodi_run import run_train_melodi
-    from premem.models.melodi_train import TrainConfig
+    from premem.models.melodi_train import TrainConfig, resolve_device
     from premem.pipeline.encode import cpu_has_native_bf16
     from premem.pipeline.read import FieldNames
 
     config = model_config(config_name, overrides)
-    bf16 = precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
+    dev = run_job(resolve_device, device)
+    bf16 = precision == "bf16" or (precision == "auto" and (dev.type == "cuda" or cpu_has_native_bf16()))
     tc = TrainConfig(steps=steps, batch_size=batch_size, segment_windows=segment_windows, optimizer=optimizer,
-                     lr=lr, warmup_steps=warmup_steps, bf16=bf16, eval_every=eval_every,
-                     eval_tokens_per_doc=eval_tokens, checkpoint_every=checkpoint_every, seed=seed)
+                     lr=lr, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, bf16=bf16, device=device,
+                     eval_every=eval_every, eval_tokens_per_doc=eval_tokens, checkpoint_every=checkpoint_every,
+                     seed=seed)
     result = run_job(run_train_melodi, list(inputs), out, config, tc, heldout=heldout,
                      fields=FieldNames(text=text_field), log=lambda m: click.echo(m, err=True))
     h = result["heldout"]
@@ -92,7 +105,7 @@ def train_melodi(inputs, out, config_name, overrides, steps, batch_size, segment
 @click.option("--end-state/--no-end-state", default=True, show_default=True,
               help="Also store each document's full recurrent state after its last window (runs the upper "
                    "layers too, not the output head).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N.")
 @click.option("--text-field", default="text", show_default=True)
 @force_unlock_option
 @click.pass_context
@@ -100,8 +113,10 @@ def compress(ctx, inputs, store, checkpoint, docs_per_shard, docs_per_batch, dty
              force_unlock):
     """Pre-encode the long-term memory of every window of the documents in INPUTS into STORE."""
     from premem.jobs.melodi_run import run_compress
+    from premem.models.melodi_train import resolve_device
     from premem.pipeline.read import FieldNames
 
+    device = str(run_job(resolve_device, device))
     s = run_job(run_compress, list(inputs), store, checkpoint, docs_per_shard=docs_per_shard,
                 docs_per_batch=docs_per_batch, dtype=dtype, end_state=end_state, device=device,
                 fields=FieldNames(text=text_field), pipeline_args=ctx.args, force_unlock=force_unlock)
@@ -115,8 +130,36 @@ def echo_longterm_summary(s: dict) -> None:
     """`premem compress` / `premem info` on a long-term memory store."""
     c = s["config"]
     click.echo(f"{s['documents']} documents, {s['tokens']} tokens, {s['windows']} windows "
-               f"({s['tail_tokens']} tail tokens after the last whole windows, not compressed) in {s['committed_shards']}/{s['num_shards']} shards under {s['path']}"
+               f"({s['tail_tokens']} tail tokens after the last whole windows, not compressed) in "
+               f"{s['committed_shards']}/{s['num_shards']} shards under {s['path']}"
                + ("" if s["complete"] else " (INCOMPLETE: resume with `premem compress`)"))
     click.echo(f"long-term memory: {s['bytes'] / 2**20:.2f} MiB ({s['bytes_per_token']:.1f} B/token, {s['dtype']}, "
                f"L={c['L']} x d={c['d_model']} per window of W={c['W']}, FIFO of Q_max={c['Q_max']} windows"
                f"{', with end states' if s['end_state'] else ''}), checkpoint fingerprint {s['fingerprint'][:16]}")
+
+
+@click.command("eval-melodi", cls=PrememCommand, short_help="Perplexity of whole documents, by window position.")
+@click.argument("checkpoint")
+@click.argument("docs", nargs=-1, required=True)
+@click.option("--segment-windows", default=8, show_default=True, help="Windows per forward call (state carried).")
+@click.option("--batch-size", default=8, show_default=True, help="Documents read side by side.")
+@click.option("--max-tokens", default=None, type=int, help="Score at most this many tokens per document.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="fp32", show_default=True,
+              help="auto: bf16 autocast on GPUs.")
+@click.option("--text-field", default="text", show_default=True)
+def eval_melodi(checkpoint, docs, segment_windows, batch_size, max_tokens, device, precision, text_field):
+    """Score the documents of DOCS whole, each from a fresh state with its windows carried through, and print the
+    perplexity per token overall and by window position (0, 1-3, 4-15, 16-63, 64+)."""
+    from premem.jobs.melodi_run import run_eval_melodi
+    from premem.pipeline.read import FieldNames
+
+    r = run_job(run_eval_melodi, checkpoint, list(docs), segment_windows=segment_windows, batch_size=batch_size,
+                max_tokens=max_tokens, device=device, precision=precision, fields=FieldNames(text=text_field))
+    click.echo(f"{r['documents']} documents, {r['tokens']} tokens scored ({r['rejected']} records rejected, "
+               f"{r['too_short']} shorter than one window of W={r['W']} set aside) on {r['device']}: "
+               f"loss {r['loss']:.4f} nats/token, perplexity {r['ppl']:.3f}")
+    click.echo("| windows | tokens | loss (nats/token) | perplexity |")
+    click.echo("|---|---:|---:|---:|")
+    for name, b in r["buckets"].items():
+        click.echo(f"| {name} | {b['tokens']} | {b['loss']:.4f} | {b['ppl']:.3f} |")

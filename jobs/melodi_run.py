@@ -109,3 +109,28 @@ def _run_compress(inputs: list[str], store_path: str, checkpoint: str, *, docs_p
     summary["rejects"] = rejects
     summary["rejects_path"] = rejects_path
     return summary
+
+
+def run_eval_melodi(checkpoint: str, inputs: list[str], *, segment_windows: int = 8, batch_size: int = 8,
+                    max_tokens: int | None = None, device: str = "auto", precision: str = "fp32",
+                    fields: FieldNames | None = None) -> dict:
+    """Whole-document perplexity of a MELODI checkpoint, overall and by window position bucket. Documents shorter
+    than one window are set aside (counted); none left is an error."""
+    from premem.models.melodi_ckpt import load_checkpoint
+    from premem.models.melodi_train import evaluate, resolve_device
+
+    dev = resolve_device(device)
+    if segment_windows < 1 or batch_size < 1:
+        raise PrememError("--segment-windows and --batch-size must be >= 1")
+    loaded = load_checkpoint(checkpoint, dev)
+    W = loaded.model.config.W
+    docs, rejects = load_documents(inputs, fields)
+    tokens = [loaded.tokenizer.encode_tensor(d.text) for d in docs]
+    kept = [t for t in tokens if len(t) >= W]
+    if not kept:
+        raise PrememError(f"none of the {len(docs)} documents ({len(rejects)} records rejected) has one window of "
+                          f"W={W} tokens: give longer documents")
+    ev = evaluate(loaded.model, kept, segment_windows=segment_windows, tokens_per_doc=max_tokens,
+                  bf16=precision == "bf16" or (precision == "auto" and dev.type == "cuda"), batch_size=batch_size)
+    return {**ev, "rejected": len(rejects), "too_short": len(tokens) - len(kept), "W": W, "device": str(dev),
+            "fingerprint": loaded.fingerprint}

@@ -117,7 +117,7 @@ def test_cli_train_melodi(tmp_path):
     assert res.exit_code == 2 and "3 usable documents" in res.output
 
 
-def test_adafactor_option_trains(tmp_path):
+def test_adafactor_option_trains(tmp_path):  # the paper's Adafactor trains
     d = docs()
     tc = TrainConfig(steps=3, batch_size=2, segment_windows=1, optimizer="adafactor", lr=1e-2, warmup_steps=1,
                      eval_every=3, eval_tokens_per_doc=64, checkpoint_every=3)
@@ -126,3 +126,102 @@ def test_adafactor_option_trains(tmp_path):
     assert json.loads((tmp_path / "ada" / "trainer.json").read_text())["train"]["optimizer"] == "adafactor"
     with pytest.raises(ValueError, match="adamw or adafactor"):
         TrainConfig(optimizer="sgd").check()
+
+
+def test_whole_document_eval_by_window_position():
+    """Whole documents from a fresh state; the loss splits into window-position buckets that add up."""
+    torch.manual_seed(0)
+    from premem.models.melodi import MelodiLM
+    from premem.models.melodi_train import WINDOW_BUCKETS, bucket_name
+
+    m = MelodiLM(tiny(W=4, Q_max=2))
+    d = [torch.randint(1, 257, (n,), generator=torch.Generator().manual_seed(n)) for n in (300, 41, 9)]
+    ev = evaluate(m, d, segment_windows=3, batch_size=2)
+    assert ev["tokens"] == 299 + 40 + 8 and ev["documents"] == 3
+    # predicting positions 0..298 of the longest: windows 0..74 -> buckets 0, 1-3, 4-15, 16-63, 64+
+    assert [bucket_name(*b) for b in WINDOW_BUCKETS] == list(ev["buckets"]) == ["0", "1-3", "4-15", "16-63", "64+"]
+    assert ev["buckets"]["0"]["tokens"] == 3 * 4 and ev["buckets"]["64+"]["tokens"] == 299 - 64 * 4
+    assert sum(b["tokens"] for b in ev["buckets"].values()) == ev["tokens"]
+    total = sum(b["loss"] * b["tokens"] for b in ev["buckets"].values()) / ev["tokens"]
+    assert total == pytest.approx(ev["loss"], rel=1e-9)
+    # batching and segment length do not change the scores; a cap scores the first tokens only
+    again = evaluate(m, d, segment_windows=5, batch_size=1)
+    assert again["loss"] == pytest.approx(ev["loss"], abs=1e-5)
+    assert evaluate(m, d, segment_windows=3, tokens_per_doc=16)["tokens"] == 16 + 16 + 8
+
+
+def test_device_option_and_placement(monkeypatch, tmp_path):
+    """--device: the model, the state and the batches are where asked (CPU here; CUDA too when there is one);
+    a GPU asked for where there is none is one line."""
+    from premem.models.melodi import MelodiLM
+    from premem.models.melodi_train import resolve_device
+    from premem.storage.errors import InputError
+
+    seen = []
+    forward = MelodiLM.forward
+
+    def spy(self, tokens, state=None, **kw):
+        seen.append((tokens.device, next(self.parameters()).device, None if state is None else state.z.device))
+        return forward(self, tokens, state, **kw)
+
+    monkeypatch.setattr(MelodiLM, "forward", spy)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        seen.clear()
+        tc = TrainConfig(steps=2, batch_size=2, segment_windows=1, eval_every=2, checkpoint_every=2, device=dev,
+                         eval_tokens_per_doc=32)
+        train(tiny(), tc, docs()[:2], docs()[2:], tmp_path / dev)
+        assert seen and all(t.type == p.type == dev and (s is None or s.type == dev) for t, p, s in seen)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for bad, msg in (("cuda", "no CUDA GPU is visible here: use --device cpu"), ("tpu", "use auto, cpu, cuda or cuda:N")):
+        with pytest.raises(InputError, match=msg) as e:
+            resolve_device(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_paper_adafactor_has_momentum(tmp_path):
+    from premem.models.melodi import MelodiLM
+    from premem.models.melodi_train import PAPER_OPTIMIZER, _optimizer
+
+    opt = _optimizer(MelodiLM(tiny()), TrainConfig(**PAPER_OPTIMIZER))
+    g = opt.param_groups[0]
+    assert type(opt).__name__ == "Adafactor" and g["beta1"] == 0.9 and g["decay_rate"] == -0.8 and g["lr"] == 0.01
+    assert not g["relative_step"] and g["scale_parameter"]
+    tc = TrainConfig(**PAPER_OPTIMIZER, steps=2000)
+    assert lr_at(999, tc) == pytest.approx(0.01) and lr_at(2000, tc) == pytest.approx(0.001)
+
+
+def test_ddp_two_cpu_processes_follow_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo), each on half the rows of the same global batch: the same loss
+    curve, held-out loss and weights as one process."""
+    import os
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "docs.jsonl"
+    with corpus.open("w") as f:
+        for i, s in enumerate(SENTENCES + SENTENCES[:2]):
+            f.write(json.dumps({"id": f"d{i}", "text": s * (4 + i)}) + "\n")
+    common = ["train-melodi", str(corpus), "--config", "small", "--set", "num_layers=2", "--set", "d_model=32",
+              "--set", "d_ff=64", "--set", "W=16", "--set", "S=4", "--set", "Su=4", "--set", "L=2",
+              "--set", "long_term_layer=1", "--steps", "4", "--batch-size", "4", "--segment-windows", "2",
+              "--eval-every", "1", "--eval-tokens", "64", "--heldout", "1", "--precision", "fp32", "--device", "cpu",
+              "--lr", "1e-2", "--warmup-steps", "1"]
+    res = CliRunner().invoke(main, common + ["--out", str(tmp_path / "one")])
+    assert res.exit_code == 0, res.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "premem.jobs.cli", *common, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "trainer.json").read_text())
+    two = json.loads((tmp_path / "two" / "trainer.json").read_text())
+    assert one["processes"] == 1 and two["processes"] == 2
+    curve = [h[k] for h in one["history"] for k in ("train_loss", "heldout_loss")]
+    assert len(curve) == 8 and curve[-2] < curve[0] - 1.0
+    assert [h[k] for h in two["history"] for k in ("train_loss", "heldout_loss")] == pytest.approx(curve, rel=1e-5)
+    a, b = load_checkpoint(tmp_path / "one").model, load_checkpoint(tmp_path / "two").model
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-5), name
