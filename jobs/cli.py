@@ -94,8 +94,9 @@ def shard(ctx, inputs, out, tokenizer, passage_words, max_tokens, shard_size, te
 @click.option("--codec", type=click.Choice(["raw", "zstd"]), default="raw", show_default=True,
               help="raw: bytes + crc32c, ~1.07x the real tokens on disk, read without decoding (training reads); "
                    "zstd: smaller on disk (e.g. buckets), every read decompresses.")
-@click.option("--token-chunk", default=32, show_default=True,
-              help="Tokens per stored chunk: reads fetch a passage's chunks, so < T padding tokens per passage.")
+@click.option("--token-chunk", type=int, default=None,
+              help="Tokens per stored chunk: reads fetch a passage's chunks, so < T padding tokens per passage "
+                   "(default 32; 16 with --quantize, whose chunks are smaller).")
 @click.option("--zstd-level", default=1, show_default=True, help="With --codec zstd.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--repair", is_flag=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from premem.jobs.clitools import PrememCommand, run_job
+from premem.jobs.quantize import quantize_options, quantize_request
 
 
 @click.command("train-lumen", cls=PrememCommand, short_help="Fine-tune a LUMEN model on stored memory.")
@@ -26,9 +27,12 @@ from premem.jobs.clitools import PrememCommand, run_job
 @click.option("--device", default="auto", show_default=True)
 @click.option("--eval-every", default=0, show_default=True, help="Steps between evaluations (0: at the end).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--accept-codec", type=click.Choice(["int8", "pq"]), default=None,
+              help="Train on a quantized store's decoded memory (`premem encode --quantize`): its memory is not the "
+                   "checkpoint's own states, so it is refused unless accepted.")
 def train_lumen_command(checkpoint, store, questions, neighbors, out, eval_questions, eval_neighbors, k,
                         memory_layers, steps, batch_size, lr, warmup_steps, num_workers, prefetch, device, eval_every,
-                        seed):
+                        seed, accept_codec):
     """Fine-tune a LUMEN (question encoder, live encoder, FiD decoder) on stored memory; the frozen layers never run."""
     from premem.jobs.train_lumen import TrainConfig, train_lumen
 
@@ -36,7 +40,7 @@ def train_lumen_command(checkpoint, store, questions, neighbors, out, eval_quest
                          eval_questions=eval_questions, eval_neighbors=eval_neighbors, k=k,
                          memory_layers=memory_layers, steps=steps, batch_size=batch_size, lr=lr,
                          warmup_steps=warmup_steps, num_workers=num_workers, prefetch=prefetch, device=device,
-                         eval_every=eval_every, seed=seed)
+                         eval_every=eval_every, seed=seed, accept_codec=accept_codec)
     result = run_job(train_lumen, config, progress=lambda p: click.echo(
         f"step {p['step']:>6}  loss {p['loss']:.4f}  ({p['seconds']:.0f} s)"))
     train = result["train"]
@@ -60,7 +64,9 @@ def train_lumen_command(checkpoint, store, questions, neighbors, out, eval_quest
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=1, show_default=True,
               help="torch intra-op threads (1: a tiny model on a shared CPU runs fastest on one).")
-def lumen_demo_command(workdir, plays, steps, k, live_fraction, seed, threads):
+@quantize_options
+def lumen_demo_command(workdir, plays, steps, k, live_fraction, seed, threads, quantize, pq_bytes, pq_factory,
+                       quantize_seed, codebook_tokens):
     """Train a small random-T5 LUMEN on Shakespeare "which play has this line" questions, with and without retrieval."""
     import torch
 
@@ -69,7 +75,8 @@ def lumen_demo_command(workdir, plays, steps, k, live_fraction, seed, threads):
     torch.set_num_threads(threads)
 
     summary = run_job(run_lumen_demo, workdir, plays=plays, steps=steps, k=k, live_fraction=live_fraction, seed=seed,
-                      log=click.echo)
+                      log=click.echo,
+                      quantize=quantize_request(quantize, pq_bytes, pq_factory, quantize_seed, codebook_tokens))
     click.echo(f"{'run':<14}{'first loss':>11}{'last loss':>11}{'eval EM':>9}")
     for name, run in summary["runs"].items():
         click.echo(f"{name:<14}{run['curve'][0]['loss']:>11.3f}{run['curve'][-1]['loss']:>11.3f}"

@@ -124,8 +124,11 @@ def retrieval_hits(questions: Path, neighbors_path: Path, store) -> dict:
 
 def run_lumen_demo(workdir: str, *, plays: int = 8, words_per_play: int = 4000, passage_words: int = 40,
                    live_fraction: float = 0.5, k: int = 4, steps: int = 150, batch_size: int = 16, lr: float = 2e-3,
-                   seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    """Builds the demo under `workdir`, trains with retrieval (k) and without (k=0); returns both runs' metrics."""
+                   seed: int = 0, log: Callable[[str], None] = print, quantize=None, without_retrieval: bool = True) -> dict:
+    """Builds the demo under `workdir`, trains with retrieval (k) and without (k=0); returns both runs' metrics.
+
+    ``quantize`` (storage.quantize.QuantizeConfig): the memory is stored as codes and LUMEN trains on it decoded.
+    ``without_retrieval=False`` skips the run without retrieval (a benchmark comparing memories needs only LUMEN's)."""
     from premem.jobs.index import IndexConfig, build_index
     from premem.jobs.retrieve import RetrieveConfig, retrieve
     from premem.jobs.run import run_encode, run_shard
@@ -144,11 +147,13 @@ def run_lumen_demo(workdir: str, *, plays: int = 8, words_per_play: int = 4000, 
                                                       max_tokens=192, shard_size=128))
     run_encode(str(shards), str(store_path), EncoderConfig(str(checkpoint), live_fraction=live_fraction,
                                                            compute_dtype="float32"),
-               retriever=RetrieverConfig())
+               retriever=RetrieverConfig(), quantize=quantize)
     build_index(str(store_path), IndexConfig(factory="Flat"))  # exact search: a few hundred passages
     store = MemoryStore.open(str(store_path))
+    codec = f"{store.quantize['codec']} codes ({store.quantize['bytes_per_token']} B/token)" if store.quantize \
+        else store.dtype
     log(f"store {store_path}: {store.rows} passages, memory of layers [0, {store.encoder['memory_layers']}) "
-        f"of {store.encoder['num_layers']}, {store.dtype}; MiniLM embeddings, faiss Flat index")
+        f"of {store.encoder['num_layers']}, {codec}; MiniLM embeddings, faiss Flat index")
     files = write_questions(store, work, seed=seed)
     neighbors = {}
     for name, path in files.items():
@@ -158,12 +163,13 @@ def run_lumen_demo(workdir: str, *, plays: int = 8, words_per_play: int = 4000, 
     log(f"retrieval on eval questions: source passage in top-{k} {hits['source_passage_in_top_k']:.1%}, "
         f"play in top-{k} {hits['play_in_top_k']:.1%}, top-1 passage from the right play {hits['top1_play']:.1%}")
     runs = {}
-    for name, run_k in (("lumen", k), ("no_retrieval", 0)):
+    for name, run_k in (("lumen", k), ("no_retrieval", 0))[:2 if without_retrieval else 1]:
         config = TrainConfig(checkpoint=str(checkpoint), store=str(store_path), questions=str(files["train"]),
                              neighbors=str(neighbors["train"]), eval_questions=str(files["eval"]),
                              eval_neighbors=str(neighbors["eval"]), out=str(work / name), k=run_k, steps=steps,
                              batch_size=batch_size, lr=lr, seed=seed, log_every=25, eval_every=max(steps // 3, 1),
-                             save_model=False, max_answer_tokens=8)
+                             save_model=False, max_answer_tokens=8,
+                             accept_codec=quantize.codec if quantize is not None and quantize.enabled else None)
         log(f"training {name} (k={run_k}) for {steps} steps ...")
         runs[name] = train_lumen(config, progress=lambda p, n=name: log(
             f"  {n} step {p['step']:>4}  loss {p['loss']:.3f}  ({p['seconds']:.0f} s)"))

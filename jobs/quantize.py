@@ -45,7 +45,7 @@ def run_quantize(source: str, out: str, request, *, pipeline_args=None, progress
 
     from premem.jobs.run import _watch_commits, pipeline_options
     from premem.pipeline.quantize import QuantizeShards, prepare_codec, store_sample
-    from premem.storage import MemoryStore, kv
+    from premem.storage import MemoryStore, kv, layout
     from premem.storage.embeddings import prepare_embeddings, retriever_info
     from premem.storage.errors import InputError
     from premem.storage.lease import DEFAULT_TTL, StoreLease
@@ -68,7 +68,7 @@ def run_quantize(source: str, out: str, request, *, pipeline_args=None, progress
         dst = MemoryStore.create(
             out, rows=src.rows, max_tokens=src.max_tokens, d_model=src.d_model, dtype=src.dtype,
             shard_size=src.shard_size, fingerprint=src.encoder_fingerprint, encoder=src.encoder,
-            codec=codec.get("name", "zstd"), token_chunk=int(codec["memory"]["inner_chunk_shape"][1]),
+            codec=codec.get("name", "zstd"), token_chunk=layout.CODE_TOKEN_CHUNK,
             zstd_level=int(codec.get("zstd_level", 1)), extra={**src.manifest.get("extra", {}), "quantized_from": src.path},
             quantize=spec)
         if trained:

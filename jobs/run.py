@@ -55,7 +55,7 @@ def run_shard(inputs: list[str], out_dir: str, config: ShardConfig, pipeline_arg
 
 
 def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype: str = "bfloat16",
-               codec: str = "raw", token_chunk: int = 32, zstd_level: int = 1, pipeline_args: list[str] | None = None,
+               codec: str = "raw", token_chunk: int | None = None, zstd_level: int = 1, pipeline_args: list[str] | None = None,
                progress: Callable[[int, int], None] | None = None, repair: bool = False,
                force_unlock: bool = False, lease_ttl: float | None = None, retriever=None, quantize=None) -> dict:
     """Passage shards -> committed memory store; returns the store summary.
@@ -67,6 +67,8 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
     redoes the shards that fail.
     """
     codebook = None  # `quantize` (storage.quantize.QuantizeConfig): codebook trained before anything is written
+    if token_chunk is None:
+        token_chunk = layout.CODE_TOKEN_CHUNK if quantize is not None and quantize.enabled else layout.TOKEN_CHUNK
     if quantize is not None and quantize.enabled:
         from premem.pipeline.quantize import encoder_sample, prepare_codec
 

@@ -50,6 +50,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     max_answer_tokens: int = 16
     save_model: bool = True
+    accept_codec: str | None = None  # a quantized store's codec ("int8", "pq"): train on its decoded memory
 
 
 def normalize_answer(text: str) -> str:
@@ -76,7 +77,8 @@ def train_lumen(config: TrainConfig, progress: Callable[[dict], None] | None = N
     model = LumenModel.from_pretrained(config.checkpoint, memory_layers=memory_layers,
                                        template=store.encoder.get("template") or "title: {title} context: {text}")
     # The store must hold exactly this checkpoint's layers [0, K): checked by fingerprint, not by name.
-    store = MemoryStore.open(config.store, expected_fingerprint=model.memory_fingerprint)
+    store = MemoryStore.open(config.store, expected_fingerprint=model.memory_fingerprint,
+                             accept_codec=config.accept_codec)
     model._memory_encoder = None  # only needed for the fingerprint; training never runs the frozen layers
     model.to(device)
 

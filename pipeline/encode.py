@@ -295,7 +295,7 @@ class ShardEmbedder:
         """A just-encoded memory batch: memory-mean vectors from the states as they are stored, or the continued
         route's vectors."""
         if vectors is None and self.config.is_memory_mean:
-            vectors = memory_mean(states.to(self.store.torch_dtype), torch.as_tensor(lengths))
+            vectors = memory_mean(self.store.as_stored(states), torch.as_tensor(lengths))
         if isinstance(vectors, torch.Tensor):
             vectors = vectors.float().cpu().numpy()
         if vectors is not None:

@@ -28,7 +28,7 @@ from premem.storage.commits import ShardCommits, StoreHandle
 from premem.storage.errors import FingerprintMismatch, StoreError, one_line
 from premem.storage.faiss_index import SearchResult, search_store
 from premem.storage.longterm import LongTermStore
-from premem.storage.tensors import DTYPES, as_rows, dtype_name, np_to_torch
+from premem.storage.tensors import DTYPES, as_rows, dtype_name, np_to_torch, to_numpy
 from premem.storage.writer import ShardWriter
 
 # Reader-side TensorStore cache: keeps shard indexes (16 bytes per passage) and recently read
@@ -651,6 +651,17 @@ class MemoryStore(StoreHandle):
             return MemoryBatch(states=None, mask=mask, lengths=lengths_t, rows=rows_t, codes=codes, scales=scales)
         states = self.codec.decode(codes, scales, dtype=self.torch_dtype) * mask[..., None].to(self.torch_dtype)
         return MemoryBatch(states=states, mask=mask, lengths=lengths_t, rows=rows_t)
+
+    def as_stored(self, states: torch.Tensor) -> torch.Tensor:
+        """``states`` [..., d] as a read of this store gives them back: in the stored dtype, and for a quantized store
+        encoded and decoded (so memory-mean vectors are the same whether taken in-pass or read back)."""
+        stored = states.to(self.torch_dtype)
+        if not self.quantize:
+            return stored
+        codes, scales = self.codec.encode(to_numpy(stored.reshape(-1, self.d_model)).astype(np.float32))
+        shape = stored.shape[:-1]
+        return self.codec.decode(torch.from_numpy(codes).reshape(*shape, -1),
+                                 None if scales is None else torch.from_numpy(scales).reshape(shape), dtype=self.torch_dtype)
 
     def _raw_reader(self) -> RawChunkReader | None:
         """The direct chunk reader of a local read-only raw store; None: read through TensorStore."""

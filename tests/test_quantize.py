@@ -119,6 +119,7 @@ def test_sample_is_seeded_and_held_out_tokens_are_not_trained_on():
 # quantized stores: `premem encode --quantize`, the reader, verify, resume, `premem quantize`
 
 PQ_ARGS = ("--quantize", "pq", "--pq-factory", "PQ8x8", "--codebook-tokens", "1500")  # small: the test corpus is
+MEAN = ("--retriever", "memory-mean")  # retrieval vectors of the memory as stored (decoded)
 
 
 def _cli(*args):
@@ -137,7 +138,7 @@ def stores(tmp_path_factory):
     work = tmp_path_factory.mktemp("quantize")
     shards = make_shards(work / "shards", write_small_corpus(work / "plays.jsonl", words=900), shard_size=4)
     out = {"shards": shards}
-    for name, extra in (("raw", ()), ("pq", PQ_ARGS), ("int8", ("--quantize", "int8"))):
+    for name, extra in (("raw", MEAN), ("pq", PQ_ARGS + MEAN), ("int8", ("--quantize", "int8"))):
         result = _cli(*encode_args(shards, work / name, *extra))
         assert result.exit_code == 0, result.output
         out[name] = work / name
@@ -251,7 +252,7 @@ def test_sigkill_mid_quantized_encode_then_resume_gives_identical_codes(stores, 
     rng = random.Random(12)
     kills = 0
     for attempt in range(4):  # first while the codebook trains, then at random moments of the shards' encode
-        proc = start_premem(*encode_args(stores["shards"], store, *PQ_ARGS), log=tmp_path / f"run{attempt}.log")
+        proc = start_premem(*encode_args(stores["shards"], store, *PQ_ARGS, *MEAN), log=tmp_path / f"run{attempt}.log")
         if attempt == 0:
             delay = rng.uniform(2.0, 5.0)
         else:
@@ -264,9 +265,9 @@ def test_sigkill_mid_quantized_encode_then_resume_gives_identical_codes(stores, 
             kills += 1
         proc.join()
     assert kills >= 3
-    result = _cli(*encode_args(stores["shards"], store, *PQ_ARGS))
+    result = _cli(*encode_args(stores["shards"], store, *PQ_ARGS, *MEAN))
     assert result.exit_code == 0, result.output
-    assert fault.compare_stores(stores["pq"], store) == []  # codes, lengths, metadata, markers
+    assert fault.compare_stores(stores["pq"], store) == []  # codes, lengths, memory-mean vectors, metadata, markers
     assert (store / "codebook.faiss").read_bytes() == (stores["pq"] / "codebook.faiss").read_bytes()
 
 
@@ -281,7 +282,7 @@ def test_premem_quantize_equals_encode_quantize(stores, tmp_path):
     assert result.exit_code == 0, result.output
     assert "5 quantized" in result.output and "codec:    pq (PQ8x8)" in result.output
     assert (out / "codebook.faiss").read_bytes() == (stores["pq"] / "codebook.faiss").read_bytes()
-    assert fault.compare_stores(stores["pq"], out) == []
+    assert fault.compare_stores(stores["pq"], out) == []  # incl. memory-mean vectors: in-pass = of the decoded memory
     a, b = (json.loads((p / "manifest.json").read_text())["quantize"] for p in (stores["pq"], out))
     assert a["fingerprint"] == b["fingerprint"] and a["fidelity"] == b["fidelity"]
     again = _cli("quantize", stores["raw"], "--out", out, *PQ_ARGS, "--no-progress")  # resumes: nothing left to do
