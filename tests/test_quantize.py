@@ -238,6 +238,15 @@ def test_verify_catches_a_flipped_byte_in_codes_and_in_the_codebook(stores, tmp_
         MemoryStore.open(store).read([0])
     assert "\n" not in str(e.value)
 
+    # `encode --repair` redoes the bad shard with the stored codebook: the store ends as it was
+    from resilience_data import encode_args, fault_inject_module
+
+    shutil.copy(stores["pq"] / "codebook.faiss", store / "codebook.faiss")
+    _flip(store / "codes" / "c" / "2" / "0" / "0")
+    result = _cli(*encode_args(stores["shards"], store, *PQ_ARGS, *MEAN, "--repair"))
+    assert result.exit_code == 0 and "repair: 1 bad shards redone ([2])" in result.output, result.output
+    assert fault_inject_module().compare_stores(stores["pq"], store) == [] and verify_store(store).ok
+
 
 def test_sigkill_mid_quantized_encode_then_resume_gives_identical_codes(stores, tmp_path):
     import os
