@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from premem.storage.errors import CheckpointError, one_line
 
-__all__ = ["MINILM", "CheckpointError", "hash_weights", "one_line", "resolve_checkpoint", "weight_names"]
+__all__ = ["MINILM", "CheckpointError", "one_line", "resolve_checkpoint", "weight_names", "weights_digest"]
 
 MINILM = "minilm"
 _COMPLETE = ".premem-complete"
@@ -81,25 +82,34 @@ def weight_names(local: Path) -> dict[str, Path]:
     return names
 
 
-def hash_weights(local: Path, digest, names: dict[str, str]) -> None:
-    """Feed ``digest`` the tensors ``names`` maps to (canonical name -> stored name), in canonical-name order:
+def weights_digest(local: Path, names: dict[str, str]) -> str:
+    """sha256 of the tensors ``names`` maps to (canonical name -> stored name), in canonical-name order:
     ``name:dtype:shape`` and the tensor's stored bytes.  Only those tensors are read and no model is built, so a
-    job driver computes the fingerprint a worker's loaded model has without holding the model."""
+    job driver computes the fingerprint a worker's loaded model has without holding the model.  Kept per process
+    and file state: an in-process worker does not hash again what its driver hashed."""
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(local))
+    return _weights_digest(local, stamp, tuple(sorted(names.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_digest(local: Path, _stamp: tuple, names: tuple[tuple[str, str], ...]) -> str:
     stored = weight_names(local)
-    missing = sorted(set(names.values()) - set(stored))
+    missing = sorted({name for _, name in names} - set(stored))
     if missing:
         raise CheckpointError(f"checkpoint {local} lacks weight {missing[0]}: pass a complete checkpoint")
     by_file: dict[Path, list[str]] = {}
-    for name in names.values():
+    for _, name in names:
         by_file.setdefault(stored[name], []).append(name)
     tensors = {}
     for file, wanted in by_file.items():
         with _open_weights(file) as weights:
             tensors.update((name, weights.get_tensor(name)) for name in wanted)
-    for canonical in sorted(names):
-        tensor = tensors[names[canonical]].contiguous()
+    digest = hashlib.sha256()
+    for canonical, name in names:
+        tensor = tensors[name].contiguous()
         digest.update(f"{canonical}:{str(tensor.dtype).removeprefix('torch.')}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 class _TorchWeights:

@@ -15,18 +15,21 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, BertModel, PreTrainedModel, T5EncoderModel
-from transformers.models.t5.modeling_t5 import T5Attention
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .checkpoint import CheckpointError, hash_weights, one_line, resolve_checkpoint, weight_names
+if TYPE_CHECKING:  # the modeling modules cost seconds to import: `premem shard` only tokenizes
+    from transformers import PreTrainedModel
+    from transformers.models.t5.modeling_t5 import T5Attention
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .checkpoint import CheckpointError, one_line, resolve_checkpoint, weight_names, weights_digest
 
 DEFAULT_TEMPLATE = "title: {title} context: {text}"
 
@@ -242,6 +245,8 @@ class _T5PositionBias(nn.Module):
     def forward(self, length: int) -> torch.Tensor:
         """[1, heads, length, length] bias, as T5Attention.compute_bias for an encoder."""
         position = torch.arange(length, device=self.table.weight.device)
+        from transformers.models.t5.modeling_t5 import T5Attention
+
         buckets = T5Attention._relative_position_bucket(
             position[None, :] - position[:, None],
             bidirectional=True,
@@ -293,6 +298,8 @@ def quiet_loading():
 
 def load_encoder_dir(local: Path) -> tuple[PreTrainedModel, str]:
     """The checkpoint's encoder in fp32 eval mode, and its arch ("t5" or "bert")."""
+    from transformers import BertModel, T5EncoderModel
+
     model_type = _model_type(local)
     arch = _ARCH[model_type]
     try:
@@ -338,7 +345,7 @@ def _model_type(local: Path) -> str:
 
 
 def _encoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    return model.encoder.block if isinstance(model, T5EncoderModel) else model.encoder.layer
+    return model.encoder.block if _ARCH[model.config.model_type] == "t5" else model.encoder.layer
 
 
 def resolve_memory_layers(
@@ -426,10 +433,10 @@ def memory_encoder_info(
         "tokenizer": tokenizer_hash,
         "template": template,
     }
-    digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
     used = {name: stored for name, stored in encoder_weight_names(local, arch, num_layers).items()
             if _used_by_memory(name, k)}
-    hash_weights(local, digest, used)
+    header["weights"] = weights_digest(local, used)
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
     return {
         "checkpoint": path,
         "arch": arch,

@@ -26,7 +26,7 @@ import torch
 from premem.storage.errors import CheckpointError, FingerprintMismatch, InputError, RetrievalError
 from premem.storage.tensors import pad_sequences
 
-from .checkpoint import hash_weights, resolve_checkpoint
+from .checkpoint import resolve_checkpoint, weights_digest
 from .encoder import (
     MemoryEncoder,
     check_template,
@@ -307,8 +307,8 @@ def text_retriever_info(path: str, *, pooling: str = "auto", max_length: int | N
               "pooling": pooling, "max_length": max_length, "template": template, "normalized": True}
     if window_words:
         header["window_words"] = window_words
+    header["weights"] = weights_digest(local, encoder_weight_names(local, arch, num_layers))
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
-    hash_weights(local, digest, encoder_weight_names(local, arch, num_layers))
     return {"kind": "checkpoint", "checkpoint": path, "pooling": pooling, "max_length": max_length,
             "truncation": "right", "template": template, "normalized": True, "dim": int(config.hidden_size),
             "window_words": window_words, "fingerprint": digest.hexdigest()}
