@@ -649,7 +649,8 @@ class MemoryStore(StoreHandle):
         codes, scales = tensors[0], (tensors[1] if len(tensors) > 1 else None)
         if not decode:
             return MemoryBatch(states=None, mask=mask, lengths=lengths_t, rows=rows_t, codes=codes, scales=scales)
-        states = self.codec.decode(codes, scales, dtype=self.torch_dtype) * mask[..., None].to(self.torch_dtype)
+        states = torch.zeros((*codes.shape[:2], self.d_model), dtype=self.torch_dtype, device=codes.device)
+        states[mask] = self.codec.decode(codes[mask], None if scales is None else scales[mask], dtype=self.torch_dtype)
         return MemoryBatch(states=states, mask=mask, lengths=lengths_t, rows=rows_t)
 
     def as_stored(self, states: torch.Tensor) -> torch.Tensor:
