@@ -43,7 +43,7 @@ def run_quantize(source: str, out: str, request, *, pipeline_args=None, progress
     written."""
     import apache_beam as beam
 
-    from premem.jobs.run import _watch_commits, pipeline_options
+    from premem.jobs.run import watch_commits, pipeline_options
     from premem.pipeline.quantize import QuantizeShards, prepare_codec, store_sample
     from premem.storage import MemoryStore, kv, layout
     from premem.storage.embeddings import prepare_embeddings, retriever_info
@@ -88,7 +88,7 @@ def run_quantize(source: str, out: str, request, *, pipeline_args=None, progress
 
             todo = sorted(set(todo) | (set(range(dst.num_shards)) - embedding_committed_shards(dst)))
         if todo:
-            watcher = _watch_commits(dst, dst.num_shards, progress) if progress else contextlib.nullcontext()
+            watcher = watch_commits(dst, dst.num_shards, progress) if progress else contextlib.nullcontext()
             with watcher, beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
                 _ = pipeline | "Shards" >> beam.Create(todo) | "Quantize" >> QuantizeShards(src.path, dst.path, lease.token)
         dst.finalize()

@@ -131,7 +131,7 @@ def _run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtyp
     continued = retriever_continues(retriever, retriever_info(store), info, int(index["max_tokens"]))
     stats["retriever_continued"] = continued  # layers [K, L) run on the memory states, not the whole retriever
     if todo:
-        watcher = _watch_commits(store, index["num_shards"], progress) if progress else contextlib.nullcontext()
+        watcher = watch_commits(store, index["num_shards"], progress) if progress else contextlib.nullcontext()
         failures_path = FileSystems.join(store_path, layout.FAILURES)
         with watcher, beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
             _ = (
@@ -191,7 +191,7 @@ def prepare_store_embeddings(store, config: RetrieverConfig, memory_committed: s
 
 
 @contextlib.contextmanager
-def _watch_commits(store, total: int, progress: Callable[[int, int], None], every: float = 1.0):
+def watch_commits(store, total: int, progress: Callable[[int, int], None], every: float = 1.0):
     """Reports committed shards from the store itself, so it works with any runner."""
     stop = threading.Event()
 
