@@ -37,7 +37,7 @@ def model_config(name: str, overrides: tuple[str, ...]):
         fail(ValueError(f"--config {name} {' '.join(overrides)}: {e}"))
 
 
-@click.command("train-melodi", cls=PrememCommand, short_help="Train MELODI on long documents (bytes as tokens).")
+@click.command("train-melodi", cls=PrememCommand, short_help="Train MELODI on long documents (bytes or a HF tokenizer).")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", required=True, help="Checkpoint directory; an existing one is resumed.")
 @click.option("--config", "config_name", default="small", show_default=True,
@@ -63,11 +63,14 @@ def model_config(name: str, overrides: tuple[str, ...]):
               help="Held-out tokens scored per document (default: whole documents).")
 @click.option("--checkpoint-every", default=100, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--tokenizer", default="bytes", show_default=True,
+              help="'bytes' or a Hugging Face tokenizer directory (e.g. T5's; set vocab_size to fit), saved into the "
+                   "checkpoint; compress and eval-melodi use the checkpoint's.")
 @click.option("--text-field", default="text", show_default=True)
 def train_melodi(inputs, out, config_name, overrides, steps, batch_size, segment_windows, optimizer, lr,
                  warmup_steps, min_lr_ratio, device, precision, heldout, eval_every, eval_tokens, checkpoint_every,
-                 seed, text_field):
-    """Train MELODI on long documents (INPUTS: .jsonl/.parquet/.txt, as for `premem shard`), bytes as tokens.
+                 seed, tokenizer, text_field):
+    """Train MELODI on long documents (INPUTS: .jsonl/.parquet/.txt, as for `premem shard`).
 
     Several GPUs (or CPU processes, gloo): `torchrun --nproc_per_node N -m premem.jobs.cli train-melodi ...`;
     --batch-size is the global batch, split over the processes."""
@@ -84,14 +87,15 @@ def train_melodi(inputs, out, config_name, overrides, steps, batch_size, segment
                      eval_every=eval_every, eval_tokens_per_doc=eval_tokens, checkpoint_every=checkpoint_every,
                      seed=seed)
     result = run_job(run_train_melodi, list(inputs), out, config, tc, heldout=heldout,
-                     fields=FieldNames(text=text_field), log=lambda m: click.echo(m, err=True))
+                     fields=FieldNames(text=text_field), log=lambda m: click.echo(m, err=True), tokenizer=tokenizer)
     h = result["heldout"]
     click.echo(f"{result['steps']} steps on {result['documents'] - heldout} documents "
                f"({result['train_tokens']} tokens, {result['rejected']} rejected); checkpoint {out} "
                f"(fingerprint {result['fingerprint'][:16]})")
     if h:
-        click.echo(f"held-out ({', '.join(result['heldout_ids'])}): loss {h['loss']:.4f} nats/byte, "
-                   f"perplexity {h['ppl']:.3f}")
+        click.echo(f"held-out ({', '.join(result['heldout_ids'])}), whole documents: loss {h['loss']:.4f} nats/token, "
+                   f"perplexity {h['ppl']:.3f}"
+                   + "".join(f"; windows {k}: {v['ppl']:.3f}" for k, v in h.get("buckets", {}).items()))
 
 
 @click.command(cls=BeamCommand, short_help="Pre-encode MELODI long-term memory of documents into a store.")

@@ -34,24 +34,26 @@ def load_documents(inputs: list[str], fields: FieldNames | None = None,
 
 
 def run_train_melodi(inputs: list[str], out_dir: str, config, train_config, *, heldout: int = 2,
-                     fields: FieldNames | None = None, log: Callable[[str], None] | None = None) -> dict:
+                     fields: FieldNames | None = None, log: Callable[[str], None] | None = None,
+                     tokenizer: str | None = None) -> dict:
     """Documents -> trained MELODI checkpoint in `out_dir` (resumed if it holds one); the last `heldout`
-    documents in input order are held out and their perplexity is reported."""
-    from premem.models.melodi_ckpt import ByteTokenizer
+    documents in input order are held out and their perplexity is reported. `tokenizer`: 'bytes' (default) or a
+    Hugging Face tokenizer directory, saved into the checkpoint."""
+    from premem.models.melodi_ckpt import check_tokenizer, make_tokenizer
     from premem.models.melodi_train import train
 
+    tok = make_tokenizer(tokenizer)
+    check_tokenizer(tok, config, f"--tokenizer {tokenizer or 'bytes'}")
     docs, rejects = load_documents(inputs, fields)
     if len(docs) <= heldout:
         raise PrememError(f"{len(docs)} usable documents ({len(rejects)} rejected) for --heldout {heldout}: "
                        f"give more documents or lower --heldout")
-    if config.vocab_size < ByteTokenizer().vocab_size:
-        raise PrememError(f"vocab_size {config.vocab_size} is below the byte tokenizer's 257: set vocab_size >= 257")
-    tok = ByteTokenizer()
     tokens = [tok.encode_tensor(d.text) for d in docs]
     split = len(docs) - heldout
     data = {"inputs": expand_inputs(inputs), "documents": len(docs), "heldout_ids": [d.doc_id for d in docs[split:]],
-            "train_tokens": int(sum(len(t) for t in tokens[:split]))}
-    result = train(config, train_config, tokens[:split], tokens[split:], out_dir, data_info=data, log=log)
+            "train_tokens": int(sum(len(t) for t in tokens[:split])), "tokenizer": tok.to_dict()}
+    result = train(config, train_config, tokens[:split], tokens[split:], out_dir, data_info=data, log=log,
+                   tokenizer=tok)
     return {"steps": result.steps, "history": result.history, "heldout": result.final_heldout,
             "fingerprint": result.fingerprint, "seconds": result.seconds, "rejected": len(rejects),
             "documents": len(docs), "heldout_ids": data["heldout_ids"], "train_tokens": data["train_tokens"]}

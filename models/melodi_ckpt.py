@@ -1,15 +1,17 @@
-"""MELODI checkpoints (safetensors + config JSON), their fingerprint, and the byte tokenizer.
+"""MELODI checkpoints (safetensors + config JSON), their fingerprint, and their tokenizer (bytes or Hugging Face).
 
 A checkpoint is a directory::
 
     config.json         MelodiConfig (every field; unknown keys are an error)
     model.safetensors   the weights
-    tokenizer.json      {"kind": "bytes", ...}: which tokenizer the token ids come from
+    tokenizer.json      {"kind": "bytes" | "hf", ...}: which tokenizer the token ids come from
+    tokenizer/          a Hugging Face tokenizer's own files (kind "hf"), so the checkpoint stands alone
     trainer.json        optional: training progress (step, held-out loss history, arguments)
     trainer_state.pt    optional: optimizer, RNG and data-stream state, for resuming training
 
-The fingerprint hashes the config and every weight tensor (name, dtype, shape, bytes), so a store written by
-one checkpoint refuses to be read with another, whatever the files' layout.
+The fingerprint hashes the config, every weight tensor (name, dtype, shape, bytes) and a Hugging Face
+tokenizer's description (with the sha256 of its vocabulary), so a store written by one checkpoint refuses to be read
+with another, whatever the files' layout.
 """
 
 from __future__ import annotations
@@ -50,10 +52,58 @@ class ByteTokenizer:
         return {"kind": "bytes", "pad_id": self.pad_id, "vocab_size": self.vocab_size}
 
 
-def model_fingerprint(model: MelodiLM) -> str:
-    """sha256 over the config JSON and every tensor of the state dict (sorted by name)."""
+class HFTokenizer:
+    """A Hugging Face tokenizer directory (e.g. T5's 32k sentencepiece vocabulary); no special tokens added."""
+
+    TOKENIZER_DIR = "tokenizer"
+
+    def __init__(self, path: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.path = Path(path)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:
+            raise CheckpointError(f"--tokenizer {path}: not a Hugging Face tokenizer directory ({one_line(e)}): "
+                                  f"pass 'bytes' or a directory saved with save_pretrained") from e
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.vocab_size = len(self.tok)
+        # what the ids mean, unchanged by save_pretrained round trips (the files themselves are rewritten)
+        vocab = json.dumps(sorted(self.tok.get_vocab().items()), ensure_ascii=False)
+        self.vocab_sha256 = hashlib.sha256(vocab.encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.encode(text), dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+    def to_dict(self) -> dict:
+        return {"kind": "hf", "class": type(self.tok).__name__, "pad_id": self.pad_id, "vocab_size": self.vocab_size,
+                "vocab_sha256": self.vocab_sha256}
+
+    def save(self, directory: Path) -> None:
+        self.tok.save_pretrained(str(directory / self.TOKENIZER_DIR))
+
+
+Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def make_tokenizer(spec: str | None) -> Tokenizer:
+    """--tokenizer: 'bytes' (default) or a Hugging Face tokenizer directory."""
+    return ByteTokenizer() if spec in (None, "", "bytes") else HFTokenizer(spec)
+
+
+def model_fingerprint(model: MelodiLM, tokenizer: Tokenizer | None = None) -> str:
+    """sha256 over the config JSON, every tensor of the state dict (sorted by name) and, for a Hugging Face
+    tokenizer, its description (bytes-as-tokens checkpoints hash as before)."""
     h = hashlib.sha256()
     h.update(model.config.to_json().encode())
+    if isinstance(tokenizer, HFTokenizer):
+        h.update(json.dumps(tokenizer.to_dict(), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -61,38 +111,53 @@ def model_fingerprint(model: MelodiLM) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(model: MelodiLM, directory: str | Path, tokenizer: ByteTokenizer | None = None) -> str:
+def save_checkpoint(model: MelodiLM, directory: str | Path, tokenizer: Tokenizer | None = None) -> str:
     """Write config.json + model.safetensors + tokenizer.json; returns the fingerprint."""
     from safetensors.torch import save_file
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tok = tokenizer or ByteTokenizer()
-    if tok.vocab_size > model.config.vocab_size:
-        raise CheckpointError(f"tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
+    check_tokenizer(tok, model.config, f"checkpoint {directory}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = d / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "arch": "melodi"})
     tmp.replace(d / WEIGHTS_FILE)  # a reader never sees half a weights file
     model.config.to_json(d / CONFIG_FILE)
+    if isinstance(tok, HFTokenizer):
+        tok.save(d)
     (d / TOKENIZER_FILE).write_text(json.dumps(tok.to_dict()) + "\n")
-    return model_fingerprint(model)
+    return model_fingerprint(model, tok)
 
 
-def load_tokenizer(path: str | Path) -> ByteTokenizer:
+def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer a checkpoint's token ids come from, without loading its weights."""
     local = resolve_checkpoint(str(path))
     tok_file = local / TOKENIZER_FILE
     tok_info = json.loads(tok_file.read_text()) if tok_file.is_file() else {"kind": "bytes"}
-    if tok_info.get("kind") != "bytes":
-        raise CheckpointError(f"checkpoint {path} uses tokenizer {tok_info.get('kind')!r}; premem reads 'bytes' only")
-    return ByteTokenizer()
+    if tok_info.get("kind") == "bytes":
+        return ByteTokenizer()
+    if tok_info.get("kind") != "hf":
+        raise CheckpointError(f"checkpoint {path} uses tokenizer kind {tok_info.get('kind')!r}: premem reads 'bytes' "
+                              f"and 'hf'")
+    tok = HFTokenizer(local / HFTokenizer.TOKENIZER_DIR)
+    if tok.to_dict() != tok_info:
+        raise CheckpointError(f"checkpoint {path}: its {HFTokenizer.TOKENIZER_DIR}/ files do not match {TOKENIZER_FILE} "
+                              f"(the tokenizer was changed after training): restore the files saved with the model")
+    return tok
+
+
+def check_tokenizer(tokenizer: Tokenizer, config: MelodiConfig, where: str) -> None:
+    """The tokenizer's ids must fit the model's vocabulary."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                              f"{config.vocab_size}: use --set vocab_size={tokenizer.vocab_size} (or more)")
 
 
 @dataclass
 class LoadedCheckpoint:
     model: MelodiLM
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     fingerprint: str
     path: Path
 
@@ -142,7 +207,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     model.eval().to(device)
-    if tok.vocab_size > config.vocab_size:
-        raise CheckpointError(
-            f"checkpoint {path}: vocab_size {config.vocab_size} is smaller than the byte tokenizer's 257")
-    return LoadedCheckpoint(model, tok, model_fingerprint(model), local)
+    check_tokenizer(tok, config, f"checkpoint {path}")
+    return LoadedCheckpoint(model, tok, model_fingerprint(model, tok), local)

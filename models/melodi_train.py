@@ -29,7 +29,7 @@ from torch import Tensor
 from premem.storage.errors import CheckpointError, InputError
 
 from .melodi import MelodiConfig, MelodiLM, MelodiState
-from .melodi_ckpt import CONFIG_FILE, ByteTokenizer, load_checkpoint, save_checkpoint
+from .melodi_ckpt import CONFIG_FILE, ByteTokenizer, Tokenizer, load_checkpoint, load_tokenizer, save_checkpoint
 
 TRAINER_FILE = "trainer.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -273,6 +273,7 @@ def train(
     *,
     data_info: dict | None = None,
     log: Callable[[str], None] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> TrainResult:
     """Train (or resume training in `out_dir`) for `tc.steps` steps in all; returns the loss history.
 
@@ -287,6 +288,7 @@ def train(
     tc.check()
     out = Path(out_dir)
     log = log or (lambda _m: None)
+    tokenizer = tokenizer or ByteTokenizer()
     device = resolve_device(tc.device)
     if device.type == "cuda" and "LOCAL_RANK" in os.environ and tc.device in ("auto", "cuda"):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -307,6 +309,10 @@ def train(
                     for k in old.to_dict() if getattr(old, k) != getattr(config, k)]
             raise CheckpointError(
                 f"{out} holds a model with {', '.join(diff)}: use another --out, or the same config to resume")
+        had = load_tokenizer(out).to_dict()
+        if had != tokenizer.to_dict():
+            raise CheckpointError(f"{out} was trained with tokenizer {had}, this run's is {tokenizer.to_dict()}: use "
+                                  f"another --out, or the checkpoint's tokenizer to resume")
         if data_info is not None and meta.get("data") not in (None, data_info):
             raise CheckpointError(f"{out} was trained on other data ({meta.get('data')}): use another --out")
         model = load_checkpoint(out, device).model.train()
@@ -341,7 +347,7 @@ def train(
         full = gather_state()  # every rank takes part; rank 0 writes
         if rank:
             return ""
-        fp = save_checkpoint(model, out, ByteTokenizer())
+        fp = save_checkpoint(model, out, tokenizer)
         torch.save({"optimizer": opt.state_dict(), "streams": streams.state_dict(), "rng": torch.get_rng_state(),
                     "state": dataclasses.asdict(full.to("cpu"))}, out / (TRAINER_STATE_FILE + ".tmp"))
         (out / (TRAINER_STATE_FILE + ".tmp")).replace(out / TRAINER_STATE_FILE)

@@ -109,7 +109,7 @@ def test_cli_train_melodi(tmp_path):
     res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "4 steps on 2 documents" in res.output and "1 rejected" in res.output
-    assert "held-out (p2): loss" in res.output and "perplexity" in res.output
+    assert "held-out (p2), whole documents: loss" in res.output and "windows 0: " in res.output
     assert load_checkpoint(tmp_path / "ck").model.config.W == 16
     res = runner.invoke(main, args[:4] + ["--config", "huge"])
     assert res.exit_code == 2 and "unknown MELODI setting" in res.output
@@ -225,3 +225,35 @@ def test_ddp_two_cpu_processes_follow_one_process(tmp_path):
     a, b = load_checkpoint(tmp_path / "one").model, load_checkpoint(tmp_path / "two").model
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_hf_tokenizer_recorded_in_checkpoint_and_fingerprint(tmp_path):
+    """A Hugging Face tokenizer directory: saved into the checkpoint and hashed into the fingerprint; resuming with
+    another tokenizer, or a vocabulary too small for it, is one line."""
+    from checkpoints import make_t5_tokenizer
+
+    from premem.jobs.melodi_run import run_train_melodi
+    from premem.models.melodi_ckpt import HFTokenizer, model_fingerprint
+
+    make_t5_tokenizer().save_pretrained(tmp_path / "tok")
+    corpus = tmp_path / "d.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": s * 8}) + "\n" for i, s in enumerate(SENTENCES)))
+    tok = HFTokenizer(tmp_path / "tok")
+    tc = TrainConfig(steps=2, batch_size=2, segment_windows=1, eval_every=2, checkpoint_every=2, eval_tokens_per_doc=32)
+    res = run_train_melodi([str(corpus)], str(tmp_path / "ck"), tiny(vocab_size=300), tc, heldout=1,
+                           tokenizer=str(tmp_path / "tok"))
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert isinstance(loaded.tokenizer, HFTokenizer) and loaded.tokenizer.encode("the fox") == tok.encode("the fox")
+    assert json.loads((tmp_path / "ck" / "tokenizer.json").read_text())["kind"] == "hf"
+    assert loaded.fingerprint == res["fingerprint"] != model_fingerprint(loaded.model)  # bytes would hash otherwise
+    with pytest.raises(CheckpointError, match="was trained with tokenizer .*use another --out") as e:
+        run_train_melodi([str(corpus)], str(tmp_path / "ck"), tiny(vocab_size=300),
+                         TrainConfig(steps=3, batch_size=2, segment_windows=1), heldout=1)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match=rf"has {tok.vocab_size} ids but the model's vocab_size is 100"):
+        run_train_melodi([str(corpus)], str(tmp_path / "ck2"), tiny(vocab_size=100), tc, heldout=1,
+                         tokenizer=str(tmp_path / "tok"))
+    info = json.loads((tmp_path / "ck" / "tokenizer.json").read_text())
+    (tmp_path / "ck" / "tokenizer.json").write_text(json.dumps({**info, "vocab_sha256": "0" * 64}))
+    with pytest.raises(CheckpointError, match="do not match tokenizer.json"):
+        load_checkpoint(tmp_path / "ck")
