@@ -80,6 +80,15 @@ class BeamCommand(PrememCommand):
 
     beam = True
 
+    def invoke(self, ctx: click.Context):
+        from premem.jobs.remote import refuse_local_paths
+
+        try:  # before anything is read or written: remote workers cannot see this machine's files
+            refuse_local_paths(ctx.command.name, ctx.params, ctx.args)
+        except _user_errors() as err:
+            fail(err)
+        return super().invoke(ctx)
+
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("epilog", "Any Apache Beam pipeline option is passed to Beam, e.g. --runner=DataflowRunner "
                                     "--project=P --region=R, or --direct_num_workers=2 "
@@ -216,8 +225,13 @@ def fail(err: BaseException) -> None:
 def run_job(fn, *args, **kwargs):
     """Runs a job: an error the user can fix (a PrememError) becomes one line and exit code 2, a click exception
     click's usual message; anything else is a bug and keeps its traceback."""
+    from premem.jobs.remote import DryRunBuilt, echo_report
+
     try:
         return fn(*args, **kwargs)
+    except DryRunBuilt as built:  # --dry_run=True on a remote runner: the job was built, not run
+        echo_report(built.report, click.echo)
+        sys.exit(0)
     except Exception as err:  # Beam wraps worker errors: unwrap the user-facing ones
         cause = _find_user_error(err)
         if cause is None:

@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from premem.jobs.remote import dry_run_if_asked
 from premem.jobs.run import pipeline_options
 from premem.models.retriever import query_encoder
-from premem.pipeline.objects import WriteLines, WriteParquetParts
+from premem.pipeline.objects import WriteLines, WriteParquetParts, delete_dir
 from premem.pipeline.retrieve import REJECTED, ReadQuestions, RetrieveConfig, SearchQuestionsFn
 from premem.storage import MemoryStore
 from premem.storage.errors import RetrievalError
@@ -38,10 +39,9 @@ def retrieve(store_path: str, questions_path: str, out_path: str, config: Retrie
                              f"{store.path}: ask for at most {info['ntotal']}")
     parts_prefix = f"{out_path}.parts-{uuid.uuid4().hex[:8]}/part"
     rejects_path = f"{out_path}.rejects.jsonl"
-    with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
+
+    def build(pipeline):
         questions, rejected = pipeline | "Read" >> ReadQuestions(questions_path, config)
-        # After the question file is found (above), before any worker starts: a retriever mismatch fails here.
-        store.search(["warm up"], 1, encoder=query_encoder(store.manifest))
         searched = (questions
                     | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=config.batch_size)
                     | "Search" >> beam.ParDo(SearchQuestionsFn(store.path, config)).with_outputs(
@@ -49,12 +49,18 @@ def retrieve(store_path: str, questions_path: str, out_path: str, config: Retrie
         _ = searched.found | "WriteParts" >> WriteParquetParts(parts_prefix, SCHEMA)
         _ = ((rejected, searched[REJECTED]) | "AllRejects" >> beam.Flatten()
              | "WriteRejects" >> WriteLines(rejects_path))
+
+    dry_run_if_asked(pipeline_args, build)
+    with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
+        build(pipeline)
+        # After the question file is found (by ReadQuestions), before any worker starts: a retriever mismatch fails here.
+        store.search(["warm up"], 1, encoder=query_encoder(store.manifest))
     part_files = [m.path for m in FileSystems.match([parts_prefix + "*"])[0].metadata_list]
     tables = []
     for name in part_files:
         with FileSystems.open(name) as handle:
             tables.append(pq.read_table(pa.BufferReader(handle.read())))
-    FileSystems.delete(part_files)
+    delete_dir(parts_prefix.rsplit("/", 1)[0])
     table = pa.concat_tables(tables).cast(SCHEMA) if tables else SCHEMA.empty_table()
     table = table.sort_by([("question_id", "ascending")])
     table, duplicates = _drop_duplicate_ids(table)

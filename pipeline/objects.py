@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from premem.storage.kv import use_storage_emulator
+from premem.storage import kv
 
 
 def use_emulator() -> None:
     """With ``STORAGE_EMULATOR_HOST`` set, Beam talks to the emulator without looking for Google credentials (its
     lookup retries for ~30 s when there are none); TensorStore is pointed there too."""
-    if use_storage_emulator() is None:
+    if kv.use_storage_emulator() is None:
         return
     from apache_beam.internal.gcp import auth
 
@@ -33,6 +33,11 @@ def use_emulator() -> None:
 def write_object(path: str, data: bytes) -> None:
     with FileSystems.create(path) as handle:
         handle.write(data)
+
+
+def delete_dir(url: str) -> None:
+    """Every object under ``url``, deleted one by one through TensorStore (Beam's GCS delete is a batch request)."""
+    kv.delete_prefix(kv.open_kv(url), "", url)
 
 
 class _WriteLinesFn(beam.DoFn):

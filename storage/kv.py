@@ -72,7 +72,28 @@ def kvstore_spec(path: str | os.PathLike, sub: str = "") -> dict:
         use_storage_emulator()
     bucket, _, prefix = rest.partition("/")
     key = (prefix + "/" if prefix else "") + sub
-    return {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket, "path": key}
+    spec = {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket, "path": key}
+    if scheme == "gs":
+        spec["context"] = gcs_context()
+    return spec
+
+
+def gcs_context() -> dict:
+    """Requests in flight per process (a batch of random passages is hundreds of byte-range reads: they go out
+    together) and retries of transient errors (429, 5xx, dropped connections) with exponential backoff, bounded so
+    that an unreachable server fails the job in about a minute instead of retrying for a quarter of an hour.
+    PREMEM_GCS_CONCURRENCY and PREMEM_GCS_RETRIES override the two."""
+    return {
+        "gcs_request_concurrency": {"limit": int(os.environ.get("PREMEM_GCS_CONCURRENCY", 64))},
+        "gcs_request_retries": {"max_retries": int(os.environ.get("PREMEM_GCS_RETRIES", 6)),
+                                "initial_delay": "0.5s", "max_delay": "16s"},
+    }
+
+
+def gcs_retries() -> int:
+    """Requests to GCS this process has retried so far (TensorStore's own counter)."""
+    found = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/gcs/retries")
+    return sum(int(v.get("value", 0)) for m in found for v in m.get("values", []))
 
 
 def check_not_a_file(path: str) -> None:
@@ -128,6 +149,27 @@ def delete_prefix(kv: ts.KvStore, prefix: str, path: str) -> None:
         raise StoreError(f"store {path}: cannot delete {prefix} ({one_line(e)}): {write_failure_fix(e)}") from e
 
 
+def _split_url(url: str) -> tuple[str, str]:
+    p = normalize_path(url)
+    parent, _, name = p.rpartition("/")
+    if not name or (not is_local(p) and "/" not in p.split("://", 1)[1]):
+        raise StoreError(f"{url} names no file: pass a file path or gs://bucket/path/file")
+    return parent, name
+
+
+def read_file(url: str | os.PathLike) -> bytes | None:
+    """The bytes of one file (local or gs://), or None when it does not exist."""
+    parent, name = _split_url(os.fspath(url))
+    res = read(open_kv(parent), name, parent)
+    return res.value if res.state == "value" else None
+
+
+def write_file(url: str | os.PathLike, data: bytes) -> None:
+    """One file (local or gs://) written whole: an object store gets one upload under its final name."""
+    parent, name = _split_url(os.fspath(url))
+    write(open_kv(parent), name, data, parent)
+
+
 def dump_json(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
 
@@ -177,6 +219,9 @@ _WRITE_FAILURES = (
     (("Read-only file system", "EROFS", "OS error 30"), ": the destination is read-only", "pass a writable --store"),
     (("Permission denied", "EACCES", "PERMISSION_DENIED", "OS error 13"), ": permission denied",
      "pass a --store this user may write"),
+    (("UNAVAILABLE", "retry attempts failed", "Couldn't connect", "Connection refused", "DEADLINE_EXCEEDED"),
+     ": the object store did not answer (retries exhausted)",
+     "rerun the same command once it is reachable: committed shards are kept and the rest is redone"),
 )
 
 

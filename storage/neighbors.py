@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from premem.storage.errors import FingerprintMismatch, StoreError
+from premem.storage.kv import read_file, write_file
 
 NEIGHBORS_FORMAT = 1
 SCHEMA = pa.schema([
@@ -58,15 +59,18 @@ def write_neighbors(path: str | os.PathLike, table: pa.Table, *, store: str, sto
         _META_FINGERPRINT: store_fingerprint.encode(),
         _META_RETRIEVER: retriever_fingerprint.encode(),
     }
-    pq.write_table(table.replace_schema_metadata(meta), str(path))
+    buf = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata(meta), buf)
+    write_file(path, buf.getvalue().to_pybytes())
 
 
 def read_neighbors(path: str | os.PathLike, *, expected_fingerprint: str | None = None) -> Neighbors:
     """Reads a neighbours file; with `expected_fingerprint`, refuses one made against another store."""
+    data = read_file(path)
+    if data is None:
+        raise StoreError(f"neighbours file {path} does not exist: run `premem retrieve` first")
     try:
-        table = pq.read_table(str(path))
-    except FileNotFoundError as e:
-        raise StoreError(f"neighbours file {path} does not exist: run `premem retrieve` first") from e
+        table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as e:
         raise StoreError(f"{path} is not a readable neighbours Parquet file ({e})") from e
     meta = table.schema.metadata or {}

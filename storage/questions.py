@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from premem.storage.errors import InputError
+from premem.storage.kv import read_file
 
 ID_HEX_DIGITS = 16
 
@@ -139,12 +140,13 @@ def parse_questions(data: bytes, fields: QuestionFields = DEFAULT_FIELDS, *, req
 
 def read_question_file(path, fields: QuestionFields = DEFAULT_FIELDS, *, require_answers: bool = False
                        ) -> tuple[list[Question], list[dict]]:
-    """A local question file -> (questions, rejects); the first question of each id is kept.
+    """A question file (local or gs://) -> (questions, rejects); the first question of each id is kept.
 
     Each reject is ``{"line": position, "reason": ..., "record": excerpt}`` (+ ``"detail"`` when there is one).
     """
-    with open(path, "rb") as handle:
-        data = handle.read()
+    data = read_file(path)
+    if data is None:
+        raise FileNotFoundError(f"question file {path} does not exist")
     questions, rejects, seen = [], [], set()
     for position, excerpt, parsed in parse_questions(data, fields, require_answers=require_answers):
         if isinstance(parsed, Question) and parsed.id in seen:

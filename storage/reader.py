@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,11 +54,11 @@ def read_questions(path: str | os.PathLike, *, require_answers: bool = True) -> 
     (absent: the first 16 hex digits of sha256 of the question).  Bad records (not JSON, missing fields,
     duplicate ids) are set aside with their reason, never dropped silently.
     """
-    path = Path(path)
-    if not path.is_file():
+    try:
+        out, rejects = read_question_file(path, require_answers=require_answers)
+    except FileNotFoundError:
         raise ReaderError(f"question file {path} does not exist: pass a JSONL file (or FiD's JSON array) with "
-                          "question, answers and optionally id")
-    out, rejects = read_question_file(path, require_answers=require_answers)
+                          "question, answers and optionally id") from None
     if not out:
         raise ReaderError(f"question file {path} holds no usable question ({len(rejects)} records set aside"
                           + (f", first: line {rejects[0]['line']}: {rejects[0]['reason']}" if rejects else "") + ")")
