@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from premem.jobs.remote import dry_run_if_asked, index_job
 from premem.jobs.run import pipeline_options
 from premem.models.retriever import text_embedder
 from premem.pipeline.index import AddShardsToIndex
@@ -62,6 +63,7 @@ def build_index(store_path: str, config: IndexConfig = IndexConfig(), pipeline_a
 
     Holds the store's writer lease while it runs, so it never runs beside an encode job of the same store.
     """
+    dry_run_if_asked(pipeline_args, index_job(store_path))
     with StoreLease(store_path, job="premem index", force=force_unlock) as lease:
         return _build_index(store_path, config, pipeline_args, log, lease.token)
 

@@ -101,7 +101,7 @@ def dry_run_if_asked(pipeline_args: list[str] | None, build) -> None:
 def job_report(job) -> dict:
     """What Dataflow would get: the job's steps, the worker environment and the options that reach the workers."""
     from apache_beam.internal import pickler
-    from apache_beam.portability import common_urns
+    from apache_beam.portability import common_urns, python_urns
     from apache_beam.portability.api import beam_runner_api_pb2
     from apache_beam.runners.dataflow.internal import apiclient
 
@@ -113,6 +113,8 @@ def job_report(job) -> dict:
     for t in transforms.values():
         if t.spec.urn == common_urns.primitives.PAR_DO.urn:
             payload = beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload)
+            if payload.do_fn.urn != python_urns.PICKLED_DOFN_INFO:
+                continue
             fn = pickler.loads(payload.do_fn.payload)[0]  # every DoFn unpickles as a worker would
             do_fns.append(type(fn).__name__)
             local_paths |= _local_paths(vars(fn) if hasattr(fn, "__dict__") else {})
@@ -166,7 +168,9 @@ def echo_report(report: dict, echo) -> None:
     echo(f"  service options: {'; '.join(report['service_options']) or 'none'}")
     echo(f"  experiments: {', '.join(report['experiments'])}")
     for k, v in report["worker_options"].items():
-        echo(f"  --{k}={v}")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        echo(f"  --{k}={','.join(map(str, v)) if isinstance(v, list) else v}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

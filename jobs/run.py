@@ -11,6 +11,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from premem.jobs.remote import dry_run_if_asked, encode_job
 from premem.models.retriever import RetrieverConfig, memory_mean_info, windows_per_row
 from premem.pipeline.encode import EncoderConfig, EncodeShards, retriever_continues
 from premem.pipeline.read import expand_inputs
@@ -49,8 +50,12 @@ def run_shard(inputs: list[str], out_dir: str, config: ShardConfig, pipeline_arg
         "shard_size": config.shard_size,
         "fields": dataclasses.asdict(config.fields),
     }
-    with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
+    def build(pipeline):
         _ = pipeline | "Shard" >> ShardCorpus(files, out_dir, config, header)
+
+    dry_run_if_asked(pipeline_args, build)
+    with beam.Pipeline(options=pipeline_options(pipeline_args)) as pipeline:
+        build(pipeline)
     return read_index(out_dir)
 
 
@@ -75,6 +80,7 @@ def run_encode(shards_dir: str, store_path: str, config: EncoderConfig, *, dtype
         index = read_index(shards_dir)
         codebook = prepare_codec(store_path, config.describe()["d_model"], quantize,
                                  lambda spec: encoder_sample(shards_dir, index, config, spec, dtype))
+    dry_run_if_asked(pipeline_args, encode_job(shards_dir, store_path, config, retriever))
     lease = StoreLease(store_path, job="premem encode", ttl=lease_ttl or DEFAULT_TTL, force=force_unlock)
     with lease:
         summary = _run_encode(shards_dir, store_path, config, dtype=dtype, codec=codec, token_chunk=token_chunk,
