@@ -17,7 +17,7 @@ force_unlock_option = click.option(
     help="Take the store's writer lease even if another job holds it (only when that job is dead).")
 
 # Commands in the order data flows through them (`premem --help` lists them so); others follow, sorted.
-PIPELINE_ORDER = ("shard", "encode", "index", "retrieve", "search", "train-lumen", "train-melodi", "eval-melodi",
+PIPELINE_ORDER = ("shard", "encode", "quantize", "index", "retrieve", "search", "train-lumen", "train-melodi", "eval-melodi",
                   "compress", "info", "verify", "demo", "lumen-demo")
 
 # The passage template's default, for help texts without importing premem.models (torch); the commands pass

@@ -30,6 +30,7 @@ COMMANDS = {
     "verify": (["st"], "--sampel", "--sample"),
     "demo": ([], "--workdri", "--workdir"),
     "lumen-demo": ([], "--stpes", "--steps"),
+    "quantize": (["st", "--out", "o"], "--pq-byts", "--pq-bytes"),
 }
 
 
@@ -60,9 +61,9 @@ def test_unknown_option_is_an_error_naming_the_nearest(command, tmp_path, monkey
 
 
 def test_quantize_is_not_silently_ignored():
-    result = _invoke("encode", "sh", "--store", "st", "--encoder", "minilm", "-k", "4", "--quantize", "int8")
+    result = _invoke("encode", "sh", "--store", "st", "--encoder", "minilm", "-k", "4", "--quantize", "int4")
     assert result.exit_code == 2
-    assert "--quantize" in result.output and "neither a premem option nor an Apache Beam pipeline option" in result.output
+    assert "'int4' is not one of 'none', 'int8', 'pq'" in result.output
 
 
 def test_beam_option_typo_and_bad_value():
