@@ -257,3 +257,28 @@ def test_hf_tokenizer_recorded_in_checkpoint_and_fingerprint(tmp_path):
     (tmp_path / "ck" / "tokenizer.json").write_text(json.dumps({**info, "vocab_sha256": "0" * 64}))
     with pytest.raises(CheckpointError, match="do not match tokenizer.json"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_cli_eval_melodi_and_bad_input(tmp_path, monkeypatch):
+    from premem.models.melodi import MelodiLM
+    from premem.models.melodi_ckpt import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(MelodiLM(tiny()), tmp_path / "ck")
+    docs = tmp_path / "d.jsonl"
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n"
+                            for i, t in enumerate([SENTENCES[0] * 30, SENTENCES[1] * 2, "too short"])))
+    runner = CliRunner()
+    res = runner.invoke(main, ["eval-melodi", str(tmp_path / "ck"), str(docs), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "2 documents, " in res.output and "1 shorter than one window of W=16 set aside" in res.output
+    assert "| 0 | 32 |" in res.output and "| 64+ | " in res.output  # the 1380-byte document reaches window 86
+    (tmp_path / "short.jsonl").write_text(json.dumps({"id": "s", "text": "too short"}) + "\n")
+    res = runner.invoke(main, ["eval-melodi", str(tmp_path / "ck"), str(tmp_path / "short.jsonl")])
+    assert res.exit_code == 2 and "none of the 1 documents" in res.output and "has one window of W=16" in res.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cmd in (["eval-melodi", str(tmp_path / "ck"), str(docs)], ["train-melodi", str(docs), "--out", str(tmp_path / "x")],
+                ["compress", str(docs), "--store", str(tmp_path / "s"), "--checkpoint", str(tmp_path / "ck")]):
+        res = runner.invoke(main, [*cmd, "--device", "cuda"])
+        assert res.exit_code == 2 and "--device cuda: no CUDA GPU is visible here" in res.output, cmd
+        assert len([line for line in res.output.splitlines() if line.strip()]) == 1
