@@ -113,6 +113,9 @@ def read(kv: ts.KvStore, key: str, path: str):
     try:
         return kv.read(key).result()
     except Exception as e:
+        found = _write_failure(e)
+        if found is not None and found[0] == _UNREACHABLE[1]:
+            raise StoreError(f"cannot read {key} of store {path}{found[0]} ({one_line(e)}): {found[1]}") from e
         raise StoreError(f"cannot read {key} of store {path} ({one_line(e)})") from e
 
 
@@ -211,6 +214,10 @@ def dir_bytes(path: str) -> int:
     return total
 
 
+# An object store that stopped answering (TensorStore gave up retrying), on a read or a write.
+_UNREACHABLE = (("UNAVAILABLE", "retry attempts failed", "Couldn't connect", "Connection refused", "DEADLINE_EXCEEDED"),
+                ": the object store did not answer (retries exhausted)",
+                "rerun the same command once it is reachable: committed shards are kept and the rest is redone")
 # OS errors TensorStore reports on a failed write, and what they mean to the user.
 _WRITE_FAILURES = (
     (("No space left", "ENOSPC", "os error 28", "OS error 28", "[28]"), ": the disk is full", "free space on the disk"),
@@ -219,9 +226,7 @@ _WRITE_FAILURES = (
     (("Read-only file system", "EROFS", "OS error 30"), ": the destination is read-only", "pass a writable --store"),
     (("Permission denied", "EACCES", "PERMISSION_DENIED", "OS error 13"), ": permission denied",
      "pass a --store this user may write"),
-    (("UNAVAILABLE", "retry attempts failed", "Couldn't connect", "Connection refused", "DEADLINE_EXCEEDED"),
-     ": the object store did not answer (retries exhausted)",
-     "rerun the same command once it is reachable: committed shards are kept and the rest is redone"),
+    _UNREACHABLE,
 )
 
 

@@ -3,14 +3,23 @@ equal byte for byte to the same run on local disk, faults, and the one-line erro
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from apache_beam.io.filesystems import FileSystems
-from gcs_chain import store_contents
+from gcs_chain import BUCKET, cli, store_contents
+from gcs_server import Proxy
 
-from premem.storage import MemoryStore, open_store
+from premem.storage import MemoryStore, kv, layout, open_store
+from premem.storage.lease import StoreLease
+from premem.storage.verify import verify_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,3 +51,118 @@ def test_store_reads_and_loader_on_gcs(gcs_chains):
     assert all(torch.equal(getattr(fa, f), getattr(fb, f)) for f in vars(fa) if isinstance(getattr(fa, f), torch.Tensor))
     ea, eb = lt_a.end_state(docs), lt_b.end_state(docs)
     assert torch.equal(ea.z, eb.z) and torch.equal(ea.fifo, eb.fifo) and torch.equal(ea.n_valid, eb.n_valid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults on gs://
+
+def _encode_cmd(base: str, store: str) -> list[str]:
+    return [sys.executable, "-m", "premem.jobs.cli", "encode", f"{base}/shards", "--store", store, "--encoder",
+            f"{base}/t5", "--memory-layers", "1", "--compute-dtype", "float32", "--retriever", "memory-mean",
+            "--no-progress"]
+
+
+def _committed(store: str) -> int:
+    return len(kv.list_keys(kv.open_kv(store), layout.COMMITS, store))
+
+
+def _start_slowed(gcs, cmd: list[str], log, **env) -> tuple[subprocess.Popen, Proxy]:
+    """``cmd`` in its own process group, every request of it 50 ms slower (a proxy), so it can be hit mid-job."""
+    proxy = Proxy(gcs.url, latency=0.05)
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": proxy.url, "TENSORSTORE_GCS_HTTP_URL": proxy.url, **env}
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, proxy
+
+
+def _wait_for_commits(proc, store: str, log, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while _committed(store) < 1:
+        assert proc.poll() is None, open(log).read()
+        assert time.monotonic() < deadline, open(log).read()
+        time.sleep(0.05)
+    return _committed(store)
+
+
+def _same_as_chain(store: str, chain_store: str, base: str) -> None:
+    a, b = store_contents(store, base), store_contents(chain_store, base)
+    b = {k: v for k, v in b.items() if not k.startswith(layout.INDEX_DIR)}
+    a[layout.MANIFEST].pop("index", None)
+    b[layout.MANIFEST].pop("index", None)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key] == b[key], key
+
+
+def test_sigkill_mid_encode_on_gcs_then_resume_is_identical(gcs, gcs_chains, tmp_path):
+    base = gcs_chains["remote"]
+    store = f"{base}/killed"
+    proc, proxy = _start_slowed(gcs, _encode_cmd(base, store), tmp_path / "log")
+    try:
+        done = _wait_for_commits(proc, store, tmp_path / "log")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        proxy.close()
+    total = MemoryStore.open(f"{base}/store").num_shards
+    assert 1 <= done < total
+    cli(*_encode_cmd(base, store)[3:])  # the dead job's lease (this host, pid gone) is taken over at once
+    _same_as_chain(store, f"{base}/store", base)
+
+
+def test_server_down_mid_job_fails_in_one_line_and_the_rerun_completes(gcs, gcs_chains, tmp_path):
+    base = gcs_chains["remote"]
+    store = f"{base}/downed"
+    proc, proxy = _start_slowed(gcs, _encode_cmd(base, store), tmp_path / "log", PREMEM_GCS_RETRIES="2")
+    try:
+        _wait_for_commits(proc, store, tmp_path / "log")
+        gcs.stop()
+        rc = proc.wait(timeout=240)
+    finally:
+        gcs.start()
+        proxy.close()
+    lines = [line for line in open(tmp_path / "log").read().splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(lines) == 1, open(tmp_path / "log").read()
+    assert "did not answer" in lines[0] and "rerun the same command" in lines[0], lines[0]
+    report = verify_store(store)  # nothing half committed: every committed shard is whole
+    assert report.committed_shards and not (set(report.bad_shards) - set(report.uncommitted_shards))
+    cli(*_encode_cmd(base, store)[3:])
+    _same_as_chain(store, f"{base}/store", base)
+
+
+def test_lease_writes_send_generation_preconditions(gcs, monkeypatch):
+    """fake-gcs-server ignores ifGenerationMatch, so what is shown is that every lease write sends one; real GCS
+    refuses a write whose generation does not match (HTTP 412), which makes taking the lease a compare-and-swap."""
+    proxy = Proxy(gcs.url)
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.url)
+    try:
+        lease = StoreLease(f"{BUCKET}/leased", job="test", ttl=30)
+        with lease:
+            lease.renew()
+            lease.check()
+    finally:
+        proxy.close()
+    writes = [(m, path) for m, path, _ in proxy.take() if m in ("POST", "PUT", "DELETE", "PATCH")]
+    lease_writes = [(m, path) for m, path in writes if "writer.json" in urllib.parse.unquote(path)]
+    assert [m for m, _ in lease_writes] == ["POST", "POST", "DELETE"]  # take, renew, release
+    for method, path in lease_writes:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+        assert "ifGenerationMatch" in query, (method, path)
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(lease_writes[0][1]).query)["ifGenerationMatch"] == ["0"]
+
+
+def test_transient_errors_are_retried_with_backoff_and_counted(gcs, monkeypatch):
+    proxy = Proxy(gcs.url)
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.url)
+    try:
+        path = f"{BUCKET}/retried"
+        kv.write_file(f"{path}/x.json", b"{}")
+        before = kv.gcs_retries()
+        proxy.fail, proxy.failures_left = (lambda record: record[0] == "GET"), 3
+        proxy.fail_status = 503
+        assert kv.read_file(f"{path}/x.json") == b"{}"
+        proxy.failures_left, proxy.fail_status = 2, 429
+        assert kv.read_file(f"{path}/x.json") == b"{}"
+    finally:
+        proxy.close()
+    assert kv.gcs_retries() - before == 5
