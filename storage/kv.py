@@ -58,6 +58,38 @@ def use_storage_emulator() -> str | None:
     return url
 
 
+_CREDENTIALS_FOUND = False
+
+
+def check_gcs_credentials() -> None:
+    """Without an emulator, gs:// needs Google credentials; with none, TensorStore would wait on the GCE metadata
+    server instead of failing, so their absence is one line here."""
+    global _CREDENTIALS_FOUND
+    if _CREDENTIALS_FOUND or os.environ.get("GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+        return
+    adc = os.path.join(os.environ.get("CLOUDSDK_CONFIG") or os.path.expanduser("~/.config/gcloud"),
+                       "application_default_credentials.json")
+    key = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if key and not os.path.isfile(key):
+        raise StoreError(f"GOOGLE_APPLICATION_CREDENTIALS names {key}, which does not exist: point it at a "
+                         "service-account key file or unset it")
+    if key or os.path.isfile(adc) or os.environ.get("GCE_METADATA_HOST") or _on_gce():
+        _CREDENTIALS_FOUND = True
+        return
+    raise StoreError("no Google Cloud credentials for gs:// paths: run `gcloud auth application-default login` or "
+                     "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (for a local GCS emulator, "
+                     "set STORAGE_EMULATOR_HOST)")
+
+
+def _on_gce() -> bool:
+    """A Compute Engine VM (Dataflow workers are): its metadata server holds the service account's credentials."""
+    try:
+        with open("/sys/class/dmi/id/product_name") as handle:
+            return "Google" in handle.read()
+    except OSError:
+        return False
+
+
 def kvstore_spec(path: str | os.PathLike, sub: str = "") -> dict:
     """TensorStore kvstore spec for ``path`` (local dir, ``gs://bucket/prefix``, ``s3://...``) joined with ``sub``.
 
@@ -68,8 +100,8 @@ def kvstore_spec(path: str | os.PathLike, sub: str = "") -> dict:
     if is_local(p):
         return {"driver": "file", "path": os.path.join(p, "") + sub}
     scheme, rest = p.split("://", 1)
-    if scheme == "gs":
-        use_storage_emulator()
+    if scheme == "gs" and use_storage_emulator() is None:
+        check_gcs_credentials()
     bucket, _, prefix = rest.partition("/")
     key = (prefix + "/" if prefix else "") + sub
     spec = {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket, "path": key}
@@ -102,8 +134,9 @@ def check_not_a_file(path: str) -> None:
 
 
 def open_kv(path: str) -> ts.KvStore:
+    spec = kvstore_spec(path)
     try:
-        return ts.KvStore.open(kvstore_spec(path)).result()
+        return ts.KvStore.open(spec).result()
     except Exception as e:
         raise StoreError(f"cannot open store location {path} ({one_line(e)})") from e
 
@@ -125,6 +158,10 @@ def write(kv: ts.KvStore, key: str, value: bytes | None, path: str, if_equal: by
     try:
         return kv.write(key, value, if_equal=if_equal).result()
     except Exception as e:
+        if not is_local(path) and "NOT_FOUND" in str(e):  # an upload answered 404: no such bucket
+            bucket = path.split("://", 1)[1].split("/", 1)[0]
+            raise StoreError(f"cannot write {key} of store {path}: bucket {bucket} does not exist: create it "
+                             f"(gcloud storage buckets create gs://{bucket}) or fix the bucket name") from e
         raise StoreError(
             f"cannot {'delete' if value is None else 'write'} {key} of store {path}{write_failure_hint(e)} "
             f"({one_line(e)}): {write_failure_fix(e)}"

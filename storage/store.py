@@ -77,7 +77,8 @@ def _read_manifest(path: str | os.PathLike, fix: str) -> tuple[str, dict]:
     kv.check_not_a_file(path)
     manifest = kv.read_json(kv.open_kv(path), layout.MANIFEST, path)
     if manifest is None:
-        raise StoreError(f"no premem store at {path} (manifest.json missing): {fix}")
+        where = "" if kv.is_local(path) else "; or a bucket or path name is misspelt"
+        raise StoreError(f"no premem store at {path} (manifest.json missing{where}): {fix}")
     return path, manifest
 
 

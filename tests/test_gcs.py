@@ -14,9 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from apache_beam.io.filesystems import FileSystems
+from click.testing import CliRunner
 from gcs_chain import BUCKET, cli, store_contents
 from gcs_server import Proxy
 
+from premem.jobs.cli import main
 from premem.storage import MemoryStore, kv, layout, open_store
 from premem.storage.lease import StoreLease
 from premem.storage.verify import verify_store
@@ -166,3 +168,45 @@ def test_transient_errors_are_retried_with_backoff_and_counted(gcs, monkeypatch)
     finally:
         proxy.close()
     assert kv.gcs_retries() - before == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad object-storage input: one line each, saying what to do
+
+def _error(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 2, (args, result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_bad_gcs_input_is_one_line_each(gcs, gcs_chains):
+    base = gcs_chains["remote"]
+    assert _error("encode", f"{base}/shards", "--store", "gs://no-such-bucket-premem/store", "--encoder", f"{base}/t5",
+                  "--memory-layers", "1", "--retriever", "none", "--no-progress") == (
+        "error: cannot write locks/writer.json of store gs://no-such-bucket-premem/store: bucket no-such-bucket-premem "
+        "does not exist: create it (gcloud storage buckets create gs://no-such-bucket-premem) or fix the bucket name")
+    for missing in ("gs://no-such-bucket-premem/store", f"{base}/stroe"):
+        assert _error("info", missing) == (
+            f"error: no premem store at {missing} (manifest.json missing; or a bucket or path name is misspelt): "
+            "run `premem encode` or `premem compress` first")
+    assert _error("shard", f"{base}/corpus.jsnol", "--out", f"{base}/x", "--tokenizer", f"{base}/t5") == (
+        f"error: no input file matches '{base}/corpus.jsnol': check the path or glob")
+    other = _error("encode", f"{base}/shards", "--store", f"{base}/store", "--encoder", f"{base}/t5", "--memory-layers",
+                   "2", "--retriever", "none", "--no-progress")
+    assert other.startswith(f"error: store {base}/store holds memory of encoder ") and "use another --store" in other
+
+
+def test_no_credentials_without_an_emulator_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                                           "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GOOGLE_APPLICATION_CREDENTIALS")}
+    env["HOME"] = str(tmp_path)
+    env.pop("CLOUDSDK_CONFIG", None)
+    proc = subprocess.run([sys.executable, "-m", "premem.jobs.cli", "info", "gs://some-bucket/store"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: no Google Cloud credentials for gs:// paths: run `gcloud auth application-default login` or set "
+        "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (for a local GCS emulator, set "
+        "STORAGE_EMULATOR_HOST)")
