@@ -187,6 +187,9 @@ def main() -> None:
     parser.add_argument("--loop-batches", type=int, default=12, help="Batches in the training-loop measurement.")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gcs", action="store_true",
+                        help="Also read the raw store from gs:// (fake-gcs-server on loopback) at 0 and --latency-ms.")
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="Added per request in front of the server.")
     args = parser.parse_args()
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="premem-reader-bench-"))
@@ -270,12 +273,67 @@ def main() -> None:
               f"{steps} steps in {wall:.1f} s, waiting for data {prefetched.wait_seconds:.2f} s = "
               f"{prefetched.wait_seconds / wall:.1%} of the loop; after the first batch "
               f"{steady / (wall - prefetched.first_wait_seconds):.1%}")
+    if args.gcs:
+        gcs_reads(args, paths["store raw"], batches, needed, results["store raw"][1], neighbors, n_questions)
     rss = int(open("/proc/self/statm").read().split()[1]) * 4096
     print(f"\nprocess RSS at the end: {rss / 2**20:.0f} MiB (TensorStore cache limit {store.cache_bytes >> 20} MiB)")
     if args.workdir is None:
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+def gcs_reads(args, local_store: Path, batches: list[np.ndarray], needed: float, local_warm: float, neighbors: Path,
+              n_questions: int) -> None:
+    """The raw store copied to gs:// on a real GCS JSON API (fake-gcs-server, tests/gcs_server.py) and read there
+    through a proxy that counts requests and bytes and adds a fixed latency per request."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from gcs_server import GcsServer, Proxy, point_at
+
+    from premem.storage import kv
+
+    server = GcsServer(local_store.parent / "gcs-root").start()
+    try:
+        point_at(server.url)
+        url = server.make_bucket("premem-bench") + "/store"
+        for f in files_under(local_store):
+            kv.write_file(f"{url}/{f.relative_to(local_store).as_posix()}", f.read_bytes())
+        limit = kv.gcs_context()["gcs_request_concurrency"]["limit"]
+        print(f"\ngs:// (fake-gcs-server on loopback, GCS request concurrency {limit}), {len(batches[0])} random rows "
+              f"per batch; local warm {local_warm:.3f} s/batch")
+        print(f"{'added latency':<15}{'s/batch':>10}{'batches/s':>11}{'vs local':>10}{'requests':>10}{'MiB/batch':>11}"
+              f"{'needed MiB':>12}{'loop wait':>11}")
+        for latency in (0.0, args.latency_ms / 1000):
+            proxy = Proxy(server.url, latency=latency)
+            os.environ["TENSORSTORE_GCS_HTTP_URL"] = proxy.url
+            # no chunk cache: every batch comes from the server (the store is smaller than a training corpus)
+            store = MemoryStore.open(url, cache_bytes=0)
+            store.read(batches[0][:1])  # the store's manifest, lengths and shard indexes: read once per process
+            times, requests, sent = [], [], []
+            for rows in batches:
+                proxy.take()
+                before = proxy.bytes_sent
+                started = time.perf_counter()
+                store.read(rows)
+                times.append(time.perf_counter() - started)
+                requests.append(len(proxy.take()))
+                sent.append(proxy.bytes_sent - before)
+            dataset = LumenDataset(store, neighbors, [[1, 2, 3]] * n_questions, [[4, 1]] * n_questions)
+            prefetched = Prefetcher(make_loader(dataset, args.questions, shuffle=True, seed=1), depth=2)
+            loop_started = time.perf_counter()
+            for _batch in prefetched:
+                time.sleep(args.step_ms / 1000)
+            wall = time.perf_counter() - loop_started
+            steady = (prefetched.wait_seconds - prefetched.first_wait_seconds) / (wall - prefetched.first_wait_seconds)
+            t = float(np.median(times))
+            print(f"{latency * 1000:>10.0f} ms  {t:>10.3f}{1 / t:>11.2f}{t / local_warm:>9.1f}x{np.mean(requests):>10.0f}"
+                  f"{np.mean(sent) / 2**20:>11.1f}{needed / 2**20:>12.1f}{steady:>10.1%}")
+            store.close()
+            proxy.close()
+        print(f"(loop wait: share of a {args.step_ms:.0f} ms step spent waiting for data after the first batch, "
+              "LumenDataset + Prefetcher depth 2 reading from gs://; no chunk cache, every batch from the server)")
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class Proxy:
         self.fail = None
         self.failures_left = 0
         self.fail_status = 503
+        self.bytes_sent = 0  # response bodies passed back to clients
         self.lock = threading.Lock()
         proxy = self
 
@@ -126,6 +127,8 @@ class Proxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy.lock:
+                        proxy.bytes_sent += len(data)
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = do_HEAD = _handle
