@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-CODECS = {  # name -> (--quantize, pq bytes per token as a fraction of d: d/4 = 8x, d/8 = 16x, d/16 = 32x)
-    "none": ("none", None), "int8": ("int8", None), "pq 16x": ("pq", 8), "pq 32x": ("pq", 16), "pq 8x": ("pq", 4),
+CODECS = {  # name -> (--quantize, pq bytes per token as a fraction of d: d/4 = 8x, d/8 = 16x, d/16 = 32x, factory)
+    "none": ("none", None, None), "int8": ("int8", None, None), "pq 16x": ("pq", 8, None), "pq 32x": ("pq", 16, None),
+    "pq 8x": ("pq", 4, None),
+    "PQ 16x": ("pq", 8, "PQ{b}x8"),  # no OPQ rotation: what the default's rotation buys
 }
 
 
@@ -67,8 +69,9 @@ def read_times(path: Path, batches: list[np.ndarray]) -> tuple[float, float, flo
 def request(codec: str, d: int, args):
     from premem.storage.quantize import QuantizeConfig
 
-    kind, frac = CODECS[codec]
-    return QuantizeConfig(codec=kind, pq_bytes=None if frac is None else d // frac, train_tokens=args.codebook_tokens)
+    kind, frac, factory = CODECS[codec]
+    return QuantizeConfig(codec=kind, pq_bytes=None if frac is None else d // frac, train_tokens=args.codebook_tokens,
+                          factory=factory and factory.format(b=d // frac))
 
 
 def main() -> None:
@@ -99,7 +102,7 @@ def main() -> None:
     codecs = [c for c in args.codecs.split(",") if c]
     corpus = write_corpus(work / "plays.jsonl", args.plays, args.words_per_play)
     shards = work / "shards"
-    if not (shards / "index.json").exists():
+    if codecs and not (shards / "index.json").exists():
         run_shard([str(corpus)], str(shards), ShardConfig(tokenizer="minilm", shard_size=256, max_tokens=256))
     previous = json.loads((work / "results.json").read_text()) if (work / "results.json").exists() else {}
     results: dict[str, dict] = {}
@@ -131,7 +134,7 @@ def main() -> None:
         print(f"{codec}: {results[codec]}", flush=True)
         (work / "results.json").write_text(json.dumps({**previous, **{k: v for k, v in results.items() if k != "batches"}},
                                                       indent=2) + "\n")
-    results.pop("batches")
+    results.pop("batches", None)
     for codec in [c for c in args.demo_codecs.split(",") if c]:
         summary = run_lumen_demo(str(work / f"demo-{codec.replace(' ', '')}"), steps=args.demo_steps,
                                  quantize=request(codec, 64, args), without_retrieval=False, log=lambda m: None)
@@ -143,7 +146,8 @@ def main() -> None:
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     base = results.get("none", {})
-    print(f"\nShakespeare ({results[codecs[0]]['tokens']} tokens), MiniLM layers [0, 4), d=384; {os.cpu_count()}-core CPU")
+    tokens = next((r["tokens"] for r in results.values() if "tokens" in r), "?")
+    print(f"\nShakespeare ({tokens} tokens), MiniLM layers [0, 4), d=384; {os.cpu_count()}-core CPU")
     print(f"{'codec':<8}{'factory':<15}{'B/token':>8}{'disk B/t':>9}{'disk/codec':>11}{'cos med':>8}{'cos p1':>8}"
           f"{'cos min':>8}{'rel MSE':>9}{'write tok/s':>12}{'cold ms':>8}{'vs bf16':>8}{'codes ms':>9}{'vs bf16':>8}"
           f"{'warm ms':>8}{'demo EM':>8}")
@@ -172,19 +176,28 @@ def plot(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(c, r) for c, r in results.items() if "codec_bytes_per_token" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    x = [r["codec_bytes_per_token"] for _, r in rows]
-    ax.plot(x, [r["cosine_median"] for _, r in rows], "o-", label="cosine median (held-out tokens)")
-    ax.plot(x, [r["cosine_p1"] for _, r in rows], "s--", label="cosine p1")
-    em = [(r["codec_bytes_per_token"], r["lumen_demo_em"]) for _, r in rows if "lumen_demo_em" in r]
-    if em:
-        ax.plot(*zip(*sorted(em), strict=True), "^-", label="lumen-demo EM (held-out questions)")
+    rows = sorted(((c, r) for c, r in results.items() if "codec_bytes_per_token" in r and c in CODECS),
+                  key=lambda cr: cr[1]["codec_bytes_per_token"])
+    line = [(c, r) for c, r in rows if CODECS[c][2] is None]  # the default codecs; others as single points
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    x = [r["codec_bytes_per_token"] for _, r in line]
+    ax.plot(x, [r["cosine_median"] for _, r in line], "o-", label="cosine median (held-out tokens)")
+    ax.plot(x, [r["cosine_p1"] for _, r in line], "s--", label="cosine p1")
     for c, r in rows:
         ax.annotate(c, (r["codec_bytes_per_token"], r["cosine_median"]), textcoords="offset points", xytext=(4, 6))
+        if CODECS[c][2] is not None:
+            ax.plot([r["codec_bytes_per_token"]], [r["cosine_median"]], "kx", markersize=9,
+                    label=f"{c}: {r['factory']} (no rotation), cosine median")
+    em = [(r["codec_bytes_per_token"], r["lumen_demo_em"]) for _, r in rows if "lumen_demo_em" in r]
+    if em:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*em, strict=True), "^-", color="tab:green", label="lumen-demo EM (held-out questions)")
+        ax2.set_ylabel("lumen-demo exact match", color="tab:green")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="lower center")
     ax.set_xscale("log")
     ax.set_xlabel("memory bytes per token (MiniLM d=384; bf16 = 768)")
-    ax.set_ylabel("cosine / exact match")
+    ax.set_ylabel("cosine (decoded vs stored bf16)")
     ax.set_title("premem compressed memory: fidelity and LUMEN EM vs bytes/token")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
