@@ -190,7 +190,23 @@ def _store_summary(store, summary: dict | None = None) -> dict:
     if index:
         stale = retriever is None or (index.get("retriever") or {}).get("fingerprint") != retriever.get("fingerprint")
         summary["index"] = {**index, "stale": stale}
+    if summary["committed_shards"] < summary["num_shards"]:
+        summary["progress"] = _progress(store.commits.read_all(), summary)
     return summary
+
+
+def _progress(markers: list[dict], summary: dict) -> dict | None:
+    """A store being written (e.g. by a Dataflow job): its rate from the commit markers' times, so progress shows on
+    any machine that can read the store."""
+    from datetime import datetime
+
+    timed = sorted((datetime.fromisoformat(m["committed_at"]), int(m["stop"]) - int(m["start"]))
+                   for m in markers if m.get("committed_at"))
+    if len(timed) < 2 or timed[-1][0] == timed[0][0]:
+        return None
+    rate = sum(rows for _, rows in timed[1:]) / (timed[-1][0] - timed[0][0]).total_seconds()  # after the first commit
+    return {"rows_per_second": rate, "last_commit": timed[-1][0].isoformat(),
+            "seconds_left": (summary["rows"] - summary["committed_rows"]) / rate}
 
 
 def _echo_summary(s: dict, hints: bool = True) -> None:
@@ -199,6 +215,10 @@ def _echo_summary(s: dict, hints: bool = True) -> None:
     click.echo(f"store:    {s['path']}")
     click.echo(f"rows:     {s['committed_rows']}/{s['rows']} committed in {s['committed_shards']}/{s['num_shards']} shards"
                + (" (complete)" if s["committed_shards"] == s["num_shards"] else " (INCOMPLETE: resume with `premem encode`)"))
+    if s.get("progress"):
+        p = s["progress"]
+        click.echo(f"progress: {p['rows_per_second']:.1f} rows/s between the first and the last commit "
+                   f"({p['last_commit']}); ~{p['seconds_left']:.0f} s to go at that rate if the job still runs")
     click.echo(f"tokens:   {s['tokens']} (max {s['max_tokens']} per passage), d={s['d_model']}, {s['dtype']}")
     on_disk = s.get("memory_bytes_on_disk")
     click.echo(f"bytes:    {s['logical_bytes'] / 2**20:.1f} MiB of real tokens "

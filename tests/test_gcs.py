@@ -108,6 +108,8 @@ def test_sigkill_mid_encode_on_gcs_then_resume_is_identical(gcs, gcs_chains, tmp
         proxy.close()
     total = MemoryStore.open(f"{base}/store").num_shards
     assert 1 <= done < total
+    info = CliRunner().invoke(main, ["info", store])  # progress of a store being written, from its markers alone
+    assert info.exit_code == 0 and f"committed in {_committed(store)}/{total} shards (INCOMPLETE" in info.output
     cli(*_encode_cmd(base, store)[3:])  # the dead job's lease (this host, pid gone) is taken over at once
     _same_as_chain(store, f"{base}/store", base)
 
@@ -210,3 +212,13 @@ def test_no_credentials_without_an_emulator_is_one_line(tmp_path):
         "error: no Google Cloud credentials for gs:// paths: run `gcloud auth application-default login` or set "
         "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (for a local GCS emulator, set "
         "STORAGE_EMULATOR_HOST)")
+
+
+def test_info_progress_rate_from_commit_markers():
+    from premem.jobs.cli import _progress
+
+    markers = [{"committed_at": f"2026-01-01T00:00:0{t}+00:00", "start": 8 * i, "stop": 8 * i + 8}
+               for i, t in enumerate((0, 4, 8))]
+    assert _progress(markers, {"rows": 48, "committed_rows": 24}) == {
+        "rows_per_second": 2.0, "last_commit": "2026-01-01T00:00:08+00:00", "seconds_left": 12.0}
+    assert _progress(markers[:1], {"rows": 48, "committed_rows": 8}) is None
