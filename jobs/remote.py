@@ -1,5 +1,4 @@
-"""Jobs on a remote runner (Dataflow): paths the workers cannot see refused, dry runs that build the job offline, and
-progress read from the store's markers.
+"""Jobs on a remote runner (Dataflow): paths the workers cannot see refused, and dry runs that build the job offline.
 
 A remote runner's workers share nothing with the driver but object storage, so a local checkpoint, corpus, shard
 directory or store is refused before anything is built.  ``--dry_run=True`` builds the Dataflow job from the same
