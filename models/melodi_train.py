@@ -251,6 +251,17 @@ class TrainResult:
     seconds: float
 
 
+# Dense bf16 peak of common GPUs, TFLOP/s (vendor figures, no sparsity), for the share printed per evaluation.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0}
+
+
+def bf16_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
 def _distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size): under torchrun (WORLD_SIZE > 1) the process group is started here if it is not yet,
     with gloo on CPUs and nccl on GPUs."""
@@ -357,6 +368,7 @@ def train(
         (out / (TRAINER_FILE + ".tmp")).replace(meta_path)  # trainer.json last: it marks a complete checkpoint
         return fp
 
+    n_params, peak = sum(p.numel() for p in model.parameters()), bf16_peak_tflops(device)
     t0 = time.perf_counter()
     window_loss, window_tokens, window_steps, t_last = 0.0, 0, 0, time.perf_counter()
     final = None
@@ -391,6 +403,10 @@ def train(
                 torch.cuda.synchronize(device)
             entry = {"step": step, "train_loss": window_loss / window_steps,
                      "tokens_per_s": window_tokens / (time.perf_counter() - t_last)}
+            if device.type == "cuda":  # 6 FLOPs per parameter and token (attention over the window not counted)
+                entry["tflops"] = 6 * n_params * entry["tokens_per_s"] / 1e12
+                if peak:
+                    entry["bf16_peak_share"] = entry["tflops"] / peak
             if heldout_docs and rank == 0:
                 ev = evaluate(model, heldout_docs, tokens_per_doc=tc.eval_tokens_per_doc,
                               segment_windows=tc.segment_windows, bf16=tc.bf16)

@@ -26,6 +26,7 @@ COMMANDS = {
                     "--batch-sise", "--batch-size"),
     "compress": (["in.jsonl", "--store", "st", "--checkpoint", "c"], "--docs-per-shrd", "--docs-per-shard"),
     "train-melodi": (["in.jsonl", "--out", "o"], "--segment-window", "--segment-windows"),
+    "eval-melodi": (["ck", "in.jsonl"], "--batch-sise", "--batch-size"),
     "info": (["st"], "--jsno", "--json"),
     "verify": (["st"], "--sampel", "--sample"),
     "demo": ([], "--workdri", "--workdir"),
