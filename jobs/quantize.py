@@ -43,7 +43,7 @@ def run_quantize(source: str, out: str, request, *, pipeline_args=None, progress
     written."""
     import apache_beam as beam
 
-    from premem.jobs.run import watch_commits, pipeline_options
+    from premem.jobs.run import pipeline_options, watch_commits
     from premem.pipeline.quantize import QuantizeShards, prepare_codec, store_sample
     from premem.storage import MemoryStore, kv, layout
     from premem.storage.embeddings import prepare_embeddings, retriever_info
@@ -75,9 +75,9 @@ def run_quantize(source: str, out: str, request, *, pipeline_args=None, progress
             dst.set_codec(*trained)
         info = retriever_info(src)
         if info is not None:
-            if info.get("kind") == "memory-mean":
-                from premem.models.retriever import memory_mean_info
+            from premem.models.retriever import MEMORY_MEAN, memory_mean_info
 
+            if info.get("kind") == MEMORY_MEAN:
                 info = memory_mean_info(dst.fingerprint, dst.d_model)
             prepare_embeddings(dst, info)
         for shard in sorted(dst.partial_shards()):

@@ -15,7 +15,6 @@ tokens.  So both routes train on the same vectors and write the same codes.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +24,6 @@ from premem.storage.errors import InputError, StoreError, one_line
 
 NONE, INT8, PQ = "none", "int8", "pq"
 QUANTIZE = (NONE, INT8, PQ)
-
-# Decodable by the torch gather: an optional OPQ rotation, then a product quantizer of 8- or 16-bit codes.
-_PQ_FACTORY = re.compile(r"^(?:OPQ(\d+)(?:_(\d+))?,)?PQ(\d+)(?:x(\d+))?(np)?$")
 
 
 def default_factory(pq_bytes: int) -> str:
