@@ -207,7 +207,8 @@ def plays_as_documents(out: Path, docs: int, words: int) -> Path:
 
 
 def timed(cmd: list[str], log: Path) -> dict:
-    """Run one process; its wall seconds, peak RSS and (for the children) their own JSON report."""
+    """Run one process; its wall seconds, peak RSS and (for the children) their own JSON report (also appended to
+    timings.jsonl beside the log, so an interrupted run keeps what it measured)."""
     started = time.perf_counter()
     with log.open("w") as handle:
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ))
@@ -216,8 +217,10 @@ def timed(cmd: list[str], log: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed; see {log}:\n{log.read_text()[-2000:]}")
     lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
-    report = json.loads(lines[-1]) if lines else {}
-    return dict(report, wall=wall, rss_mib=usage.ru_maxrss / 1024)
+    result = dict(json.loads(lines[-1]) if lines else {}, wall=wall, rss_mib=usage.ru_maxrss / 1024)
+    with (log.parent / "timings.jsonl").open("a") as handle:
+        handle.write(json.dumps(dict(result, log=log.name)) + "\n")
+    return result
 
 
 def premem(*args) -> list[str]:

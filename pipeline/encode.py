@@ -198,19 +198,19 @@ class _HostCopies:
         if not self.cuda:
             return _HostCopy(tensors, None, None)
         buffer = self.free.get()  # blocks while every buffer waits in the writer's queue
-        need = sum(t.numel() * t.element_size() for t in tensors)
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        starts = [sum(-(-n // 64) * 64 for n in sizes[:i]) for i in range(len(sizes))]  # 64-byte aligned
+        need = starts[-1] + sizes[-1]
         if buffer is None or buffer.numel() < need:
             buffer = torch.empty(need, dtype=torch.uint8, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream())
-        hosts, at = [], 0
+        hosts = []
         with torch.cuda.stream(self.stream):
-            for t in tensors:
-                size = t.numel() * t.element_size()
+            for t, at, size in zip(tensors, starts, sizes, strict=True):
                 host = buffer[at:at + size].view(t.dtype).view(t.shape)
                 host.copy_(t, non_blocking=True)
-                t.record_stream(self.stream)
+                t.record_stream(self.stream)  # its memory is not reused before the copy is done
                 hosts.append(host)
-                at += size
             ready = torch.cuda.Event()
             ready.record(self.stream)
         return _HostCopy(tuple(hosts), ready, lambda: self.free.put(buffer))
