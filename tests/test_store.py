@@ -447,9 +447,13 @@ def test_metadata(tmp_path):
         empty.read_metadata([1])
 
 
-def test_kvstore_spec():
-    assert kvstore_spec("gs://bucket/a/b/", "memory/") == {"driver": "gcs", "bucket": "bucket", "path": "a/b/memory/"}
-    assert kvstore_spec("gs://bucket", "manifest.json") == {"driver": "gcs", "bucket": "bucket", "path": "manifest.json"}
+def test_kvstore_spec(monkeypatch):
+    monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "t")  # gs:// specs need credentials (or an emulator)
+    gcs = kvstore_spec("gs://bucket/a/b/", "memory/")
+    assert set(gcs.pop("context")) == {"gcs_request_concurrency", "gcs_request_retries"}
+    assert gcs == {"driver": "gcs", "bucket": "bucket", "path": "a/b/memory/"}
+    assert {k: v for k, v in kvstore_spec("gs://bucket", "manifest.json").items() if k != "context"} == {
+        "driver": "gcs", "bucket": "bucket", "path": "manifest.json"}
     assert kvstore_spec("/x/y") == {"driver": "file", "path": "/x/y/"}
     assert kvstore_spec("file:///x/y", "commits/") == {"driver": "file", "path": "/x/y/commits/"}
     assert normalize_path("gs://b/p/") == "gs://b/p"
