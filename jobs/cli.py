@@ -307,8 +307,8 @@ main.add_command(retrieve)
 from premem.jobs.melodi_cli import compress, eval_melodi, train_melodi  # noqa: E402
 
 main.add_command(train_melodi)
-main.add_command(compress)
 main.add_command(eval_melodi)
+main.add_command(compress)
 from premem.jobs.lumen_cli import lumen_demo_command, train_lumen_command  # noqa: E402
 
 main.add_command(train_lumen_command)
